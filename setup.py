@@ -6,8 +6,7 @@ setup(
     name="fairdiff-jax",
     version="0.1.0",
     description=(
-        "JAX/Flax reimplementation of 'Finetuning Text-to-Image Diffusion Models for Fairness' "
-        "(Shen et al., ICLR 2024)"
+        "JAX/Flax reimplementation of 'Finetuning Text-to-Image Diffusion Models for Fairness' (Shen et al., ICLR 2024)"
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

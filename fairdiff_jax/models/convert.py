@@ -27,7 +27,7 @@ _INDEXED_MODULES = (
     "to_out",
     "net",
 )
-_INDEXED_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(_INDEXED_MODULES))
+_INDEXED_RE = re.compile(r"^(" + "|".join(_INDEXED_MODULES) + r")_(\d+)$")
 
 # The Flax VAE attention block names its projections differently from PyTorch diffusers. The first
 # PyTorch name is the current one; the second is the legacy name found in older checkpoints.
@@ -59,9 +59,7 @@ def pt_key_candidates(flax_path: FlaxPath) -> list[str]:
     *module, leaf = (str(p) for p in flax_path)
     pt_leaf = "bias" if leaf == "bias" else "weight"
     candidates = []
-    if module and module[-1] in _VAE_ATTENTION_NAMES and len(module) >= 2 and module[-2].startswith(
-        "attentions_"
-    ):
+    if module and module[-1] in _VAE_ATTENTION_NAMES and len(module) >= 2 and module[-2].startswith("attentions_"):
         prefix = pt_module_name(tuple(module[:-1]))
         for name in _VAE_ATTENTION_NAMES[module[-1]]:
             candidates.append(f"{prefix}.{name}.{pt_leaf}")
@@ -151,7 +149,5 @@ def flax_to_pt_state_dict(params: Mapping) -> dict[str, np.ndarray]:
     """PyTorch-layout state dict (preferred key names) of a Flax parameter tree."""
     state = {}
     for flax_path, value in flatten_dict(dict(params)).items():
-        state[pt_key_candidates(flax_path)[0]] = np.ascontiguousarray(
-            flax_to_pt_layout(flax_path, np.asarray(value))
-        )
+        state[pt_key_candidates(flax_path)[0]] = np.ascontiguousarray(flax_to_pt_layout(flax_path, np.asarray(value)))
     return state

@@ -1,6 +1,11 @@
 """Stable Diffusion components loaded from local diffusers-layout folders, and tiny ones for tests."""
 
-from fairdiff_jax.models.loader import (
+from fairdiff_jax.models.patches import apply_patches
+
+apply_patches()
+
+
+from fairdiff_jax.models.loader import (  # noqa: E402
     SchedulerSettings,
     StableDiffusion,
     load_scheduler,
@@ -10,7 +15,7 @@ from fairdiff_jax.models.loader import (
     load_unet,
     load_vae,
 )
-from fairdiff_jax.models.tiny import write_tiny_sd_folder
+from fairdiff_jax.models.tiny import write_tiny_sd_folder  # noqa: E402
 
 __all__ = [
     "SchedulerSettings",

@@ -1,0 +1,114 @@
+"""Export an adaptor in the formats PyTorch diffusers loads, and the ``fairdiff export`` command.
+
+- ``pytorch_lora_weights.safetensors``: PEFT key names (``unet.<module>.lora_A.weight`` [r, in],
+  ``lora_B.weight`` [out, r]; ``text_encoder.<module>...``). No ``.alpha`` keys: diffusers then sets PEFT's
+  ``lora_alpha = r`` (scaling 1), so ``alpha / rank`` is folded into ``lora_B`` and
+  ``pipe.load_lora_weights(OUT)`` at its default scale 1.0 reproduces our delta exactly.
+- ``learned_embeds.safetensors``: ``{token: [n, d]}``; ``pipe.load_textual_inversion(path)`` registers
+  ``token, token_1, ...`` and expands ``token`` in prompts, as our soft tokens do.
+- ``adaptor.json`` + ``flax_adaptor/``: the Flax adaptor (orbax) with its base-model fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from fairdiff_jax.adapters import checkpoint as ckpt
+from fairdiff_jax.adapters.lora import lora_modules
+from fairdiff_jax.errors import FairdiffError
+from fairdiff_jax.models.convert import pt_module_name
+from fairdiff_jax.models.safetensors_io import write_safetensors
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+TEXTUAL_INVERSION_NAME = "learned_embeds.safetensors"
+
+
+def peft_lora_state_dict(lora_params: Mapping[str, Mapping], *, scale: float) -> dict[str, np.ndarray]:
+    """``{"unet.<module>.lora_A.weight": [r, in], "...lora_B.weight": [out, r]}`` (float32, scale folded in B).
+
+    ``lora_params``: ``{component: LoRA tree}`` with component ``unet`` or ``text_encoder``.
+    """
+    state = {}
+    for component, tree in lora_params.items():
+        if component not in ("unet", "text_encoder"):
+            raise FairdiffError(f"cannot export LoRA for component '{component}'; only unet and text_encoder.")
+        for module, factors in lora_modules(tree).items():
+            name = f"{component}.{pt_module_name(module)}"
+            down = np.asarray(jax.device_get(factors["down"]), dtype=np.float32)
+            up = np.asarray(jax.device_get(factors["up"]), dtype=np.float32)
+            state[f"{name}.lora_A.weight"] = np.ascontiguousarray(down.T)
+            state[f"{name}.lora_B.weight"] = np.ascontiguousarray((np.float32(scale) * up).T)
+    return state
+
+
+def _target_file(out_path: str, default_name: str) -> str:
+    if out_path.endswith(".safetensors"):
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        return out_path
+    os.makedirs(out_path, exist_ok=True)
+    return os.path.join(out_path, default_name)
+
+
+def export_peft_lora(lora_params: Mapping[str, Mapping], out_path: str, *, scale: float) -> str:
+    """Write ``out_path/pytorch_lora_weights.safetensors`` (or ``out_path`` if it is a .safetensors file).
+
+    ``scale`` is ``alpha / rank``; it is folded into ``lora_B`` so diffusers' default scale reproduces it.
+    """
+    path = _target_file(out_path, LORA_WEIGHTS_NAME)
+    write_safetensors(path, peft_lora_state_dict(lora_params, scale=scale), {"format": "pt"})
+    return path
+
+
+def export_textual_inversion(soft_embeddings, token: str, out_path: str) -> str:
+    """Write ``{token: [n, d]}`` to ``out_path/learned_embeds.safetensors`` (diffusers textual inversion)."""
+    embeds = np.asarray(jax.device_get(soft_embeddings), dtype=np.float32)
+    if embeds.ndim != 2:
+        raise FairdiffError(f"soft-token embeddings must be [n, d]; got shape {embeds.shape}.")
+    path = _target_file(out_path, TEXTUAL_INVERSION_NAME)
+    write_safetensors(path, {token: np.ascontiguousarray(embeds)}, {"format": "pt"})
+    return path
+
+
+def export_adaptor(spec: ckpt.AdaptorSpec, params: Mapping, out_dir: str) -> list[str]:
+    """Write every format of one adaptor's parameters into ``out_dir``; returns the written paths."""
+    written = []
+    if params.get("lora"):
+        written.append(export_peft_lora(params["lora"], out_dir, scale=spec.lora_scale))
+    if "soft_tokens" in params:
+        written.append(export_textual_inversion(params["soft_tokens"], spec.soft_token, out_dir))
+    written.append(os.path.join(out_dir, ckpt.METADATA_FILE))
+    written.append(ckpt.save_flax_adaptor(out_dir, spec, params))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fairdiff export",
+        description="Export a trained adaptor (EMA weights by default) for PyTorch diffusers and Flax.",
+    )
+    parser.add_argument("--workdir", required=True, help="training workdir (holds adaptor.json and checkpoints/)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw parameters instead of their EMA")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fairdiff export --workdir DIR --out OUT [--step N] [--no-ema]``; returns the exit code."""
+    args = build_parser().parse_args(list(argv or []))
+    if not os.path.isdir(args.workdir):
+        raise FairdiffError(f"workdir {args.workdir} does not exist; pass the --workdir used for 'fairdiff train'.")
+    spec = ckpt.read_adaptor_metadata(args.workdir)
+    step, item = ckpt.restore_adaptor_item(args.workdir, args.step)
+    params = item["params"] if args.no_ema else item["ema"]
+    written = export_adaptor(spec, params, args.out)
+    which = "raw parameters" if args.no_ema else f"EMA (decay {spec.ema_decay})"
+    print(f"exported step {step} ({which}) of {args.workdir} to {args.out}:")
+    for path in written:
+        print(f"  {path}")
+    return 0

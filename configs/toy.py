@@ -1,36 +1,9 @@
 """The toy world: a tiny model with a known gender skew, debiased on a laptop CPU in minutes.
 
-``model.path``, ``data.prompts`` and the classifier paths are placeholders that the toy world fills with
-the folder of its built model, its prompts and its classifier before training.
+The settings live in the package (``fairdiff_jax/toyworld/demo_config.py``) so that ``fairdiff demo`` finds
+them from any install; this file is the ``--config configs/toy.py[:ARG]`` entry for ``fairdiff train``.
 """
 
-from fairdiff_jax.config import TOY_MODEL_PATH, TOY_PROMPTS, adaptor_from_arg, attribute, base_config
+from fairdiff_jax.toyworld.demo_config import get_config
 
-
-def get_config(arg=None):
-    config = base_config()
-    config.model.path = TOY_MODEL_PATH
-    config.model.dtype = "float32"
-    config.adaptor.kind = adaptor_from_arg(arg, "toy.py")
-    config.adaptor.rank = 4
-    config.adaptor.alpha = 4.0
-    config.adaptor.num_tokens = 2
-    config.adaptor.ema_decay = 0.9
-    config.sampler.guidance_scale = 3.0
-    config.sampler.train_steps = (4, 6)
-    config.sampler.eval_steps = 8
-    config.attributes.gender = attribute("gender", (0.5, 0.5), facial=False)
-    config.loss.lambda_img = 1.0
-    config.loss.lambda_face = 0.0
-    config.loss.num_ot_samples = 20
-    config.data.prompts = (TOY_PROMPTS,)
-    config.train.images_per_prompt = 8
-    config.train.prompts_per_step = 2
-    config.train.lr = 1e-3
-    config.eval.images_per_prompt = 32
-    config.num_steps = 60
-    config.checkpoint_every = 20
-    config.keep_checkpoints = 2
-    config.log_every = 5
-    config.sample_every = 20
-    return config
+__all__ = ["get_config"]

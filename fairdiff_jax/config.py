@@ -115,7 +115,7 @@ def base_config() -> ConfigDict:
             "microbatch": 0,  # images per gradient micro-batch; 0 = all at once
         }
     )
-    c.eval = ConfigDict({"images_per_prompt": 60, "seed": 2022})
+    c.eval = ConfigDict({"images_per_prompt": 60, "seed": 2022, "batch_size": 32})
     c.num_steps = 10_000
     c.checkpoint_every = 200
     c.keep_checkpoints = 3

@@ -6,6 +6,15 @@ from fairdiff_jax.attributes.classifier import (
     FaceAttributeClassifier,
     MultiHeadConvNet,
 )
+from fairdiff_jax.attributes.classifier_io import (
+    ClassifierSpec,
+    CombinedClassifier,
+    WholeImageClassifier,
+    load_attribute_classifiers,
+    load_classifier,
+    read_classifier_config,
+    save_classifier,
+)
 from fairdiff_jax.attributes.faces import FaceCrops, FaceDetections, FaceDetector, FacePipeline, WholeImageDetector
 from fairdiff_jax.attributes.image_ops import (
     ARCFACE_TEMPLATE_112,
@@ -17,6 +26,13 @@ from fairdiff_jax.attributes.image_ops import (
     similarity_transform,
     warp_affine,
 )
+from fairdiff_jax.attributes.mobilenet import MobileNetV3Large, init_variables
+from fairdiff_jax.attributes.torchvision_convert import (
+    convert_torchvision_mobilenet,
+    import_torchvision_classifier,
+    load_torchvision_mobilenet,
+    to_torchvision_state_dict,
+)
 from fairdiff_jax.attributes.vision_features import (
     ImageEncoder,
     load_clip_image_encoder,
@@ -24,6 +40,19 @@ from fairdiff_jax.attributes.vision_features import (
 )
 
 __all__ = [
+    "ClassifierSpec",
+    "CombinedClassifier",
+    "MobileNetV3Large",
+    "WholeImageClassifier",
+    "convert_torchvision_mobilenet",
+    "import_torchvision_classifier",
+    "init_variables",
+    "load_attribute_classifiers",
+    "load_classifier",
+    "load_torchvision_mobilenet",
+    "read_classifier_config",
+    "save_classifier",
+    "to_torchvision_state_dict",
     "ARCFACE_TEMPLATE_112",
     "AttributeClassifier",
     "ClassifierOutput",

@@ -1,0 +1,171 @@
+"""One training iteration of the paper's method, written once per device with ``data``-axis collectives.
+
+For each prompt, N fresh noises and one random step count: the frozen original model generates ``x_ori``
+(no gradient) for the regularisers; the adapted model generates ``x`` through the adjusted DFT; the
+classifier's outputs of the prompt's images on *all* devices give the dynamic OT targets; the total loss
+``L_align + λ_img L_img`` is back-propagated into the adaptor only; gradients are ``pmean``-ed; AdamW and
+the EMA update follow. A non-finite loss or gradient leaves the state untouched and is counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fairdiff_jax import adapters
+from fairdiff_jax.alignment import distributional_alignment_grouped, semantic_loss, semantic_weights
+from fairdiff_jax.components import Components, embed, generate_images
+from fairdiff_jax.metrics import all_finite, bias_from_freq, keep_if_finite
+from fairdiff_jax.parallel import AXIS, pmean
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (replicated on every device)."""
+
+    params: Any  # adaptor parameters
+    ema: Any  # their exponential moving average (what is exported)
+    opt_state: Any
+    skipped: jax.Array  # number of updates refused for a non-finite loss or gradient
+
+
+class Batch(NamedTuple):
+    """One iteration's inputs. ``noise`` is sharded on its leading (image) axis; the rest is replicated."""
+
+    noise: jax.Array  # [N, P, C, h, w], image-major
+    cond_ids: jax.Array  # [P, L] prompt ids (with soft tokens when the adaptor has them)
+    plain_ids: jax.Array  # [P, L] prompt ids for the original model
+    uncond_ids: jax.Array  # [1, L] ids of ""
+    num_steps: jax.Array  # int32 scalar, the iteration's step count
+    key: jax.Array  # PRNG key for the sampled transport
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW with the paper's constant learning rate (DESIGN.md §1.3)."""
+    b1, b2 = (float(b) for b in cfg.train.betas)
+    return optax.adamw(float(cfg.train.lr), b1=b1, b2=b2, weight_decay=float(cfg.train.weight_decay))
+
+
+def init_state(comp: Components, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    params = adapters.init_adaptor(key, comp.spec, comp.unet_params, comp.text_encoder_params)
+    ema = jax.tree.map(jnp.copy, params)  # its own buffers: the state is donated to the step
+    return TrainState(params, ema, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def _group(x: jax.Array, n: int, p: int) -> jax.Array:
+    """``[n*P, ...]`` image-major rows -> ``[P, n, ...]`` prompt groups."""
+    return jnp.swapaxes(x.reshape((n, p) + x.shape[1:]), 0, 1)
+
+
+def _ungroup(x: jax.Array) -> jax.Array:
+    """Inverse of :func:`_group`."""
+    return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+def _predictions(logits) -> dict:
+    return {name: jnp.argmax(value, axis=-1) for name, value in logits.items()}
+
+
+def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *, max_steps: int, axis_name=AXIS):
+    """The per-device step ``(state, frozen, batch) -> (state, metrics)``.
+
+    ``frozen`` is ``{"unet", "text_encoder", "classifier", "features"}`` (replicated); with
+    ``axis_name=None`` the step runs unsharded on one device (the reference for the parallel tests).
+    """
+    cfg = comp.cfg
+    spec = comp.spec
+    loss_cfg = cfg.loss
+    factor1 = min(float(cfg.attributes[n].factor1) for n in comp.attributes)
+    targets = {n: jnp.asarray(t) for n, t in comp.targets.items()}
+    mode = cfg.sampler.gradient_mode
+    reduce = (lambda tree: pmean(tree, axis_name)) if axis_name else (lambda tree: tree)
+
+    def step(state: TrainState, frozen: dict, batch: Batch):
+        n, num_prompts = batch.noise.shape[:2]
+        noise = batch.noise.reshape((n * num_prompts,) + batch.noise.shape[2:])
+
+        def tile(emb):  # [P, L, D] -> [n*P, L, D], image-major like the noise
+            return jnp.tile(emb, (n, 1, 1))
+
+        # the frozen original model, same noise and step count, no gradient
+        cond0 = embed(comp, frozen["text_encoder"], batch.plain_ids)
+        uncond0 = embed(comp, frozen["text_encoder"], batch.uncond_ids)
+        x_ori = jax.lax.stop_gradient(
+            generate_images(
+                comp,
+                frozen["unet"],
+                tile(cond0),
+                uncond0,
+                noise,
+                batch.num_steps,
+                max_steps=max_steps,
+                gradient_mode="detached",
+            )
+        )
+        ori_logits, _ = comp.classifier(frozen["classifier"], x_ori)
+        ori_pred = _predictions(ori_logits)
+
+        def loss_fn(params):
+            unet_params, te_params = adapters.apply_adaptor(spec, params, frozen["unet"], frozen["text_encoder"])
+            cond = embed(comp, te_params, batch.cond_ids)
+            uncond = embed(comp, te_params, batch.uncond_ids)
+            images = generate_images(
+                comp, unet_params, tile(cond), uncond, noise, batch.num_steps, max_steps=max_steps, gradient_mode=mode
+            )
+            logits, valid = comp.classifier(frozen["classifier"], images)
+            align = distributional_alignment_grouped(
+                {k: _group(v, n, num_prompts) for k, v in logits.items()},
+                _group(valid, n, num_prompts),
+                targets,
+                key=batch.key,
+                num_samples=int(loss_cfg.num_ot_samples),
+                confidence=float(loss_cfg.confidence),
+                axis_name=axis_name,
+            )
+            labels = {k: _ungroup(v) for k, v in align.labels.items()}
+            total = align.loss
+            semantic = jnp.zeros((), jnp.float32)
+            if comp.feature_fns and float(loss_cfg.lambda_img) > 0:
+                extractors = [
+                    (lambda images, fn=fn, p=p: fn(p, images)) for fn, p in zip(comp.feature_fns, frozen["features"])
+                ]
+                weights = semantic_weights(labels, ori_pred, factor1)
+                semantic, _ = semantic_loss(images, x_ori, extractors, weights=weights)
+                total = total + float(loss_cfg.lambda_img) * semantic
+            aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align.loss, "img": semantic}
+            return total, aux
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads = reduce(grads)
+        loss = reduce(loss)
+        finite = all_finite(grads) & jnp.isfinite(loss)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = adapters.ema_update(state.ema, params, spec.ema_decay)
+        new_state = TrainState(
+            *keep_if_finite(finite, (params, ema, opt_state), (state.params, state.ema, state.opt_state)),
+            state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "loss_align": reduce(aux["align"]),
+            "loss_img": reduce(aux["img"]),
+            "grad_norm": optax.global_norm(grads),
+            "update_norm": optax.global_norm(updates),
+            "skipped": new_state.skipped,
+            "finite": finite,
+            "num_steps": batch.num_steps,
+        }
+        valid = aux["valid"].astype(jnp.float32)
+        for name, pred in aux["pred"].items():
+            k = comp.num_classes[name]
+            counts = reduce(jnp.sum(jax.nn.one_hot(pred, k) * valid[:, None], axis=0))
+            freq = counts / jnp.maximum(counts.sum(), 1.0)
+            metrics[f"freq/{name}"] = freq
+            metrics[f"bias/{name}"] = bias_from_freq(freq)
+            metrics[f"confident/{name}"] = reduce(jnp.mean((aux["labels"][name] >= 0).astype(jnp.float32)))
+        return new_state, metrics
+
+    return step

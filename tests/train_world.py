@@ -1,0 +1,89 @@
+"""A tiny training world for tests: the tiny SD folder, a random 2-class CNN as the gender classifier.
+
+Also runnable as a script (``python tests/train_world.py SD_FOLDER WORKDIR NUM_STEPS``) so that a test can
+kill a training process and start it again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fairdiff_jax import sampling
+from fairdiff_jax.attributes import MultiHeadConvNet
+from fairdiff_jax.components import Components, _adaptor_spec
+from fairdiff_jax.config import load_config
+from fairdiff_jax.models import load_stable_diffusion
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy.py")
+PROMPTS = ["a photo of a doctor", "a photo of a nurse", "a photo of a pilot", "a photo of a chef"]
+
+
+def tiny_config(sd_folder: str, *overrides: str):
+    return load_config(
+        CONFIG,
+        [
+            f"--config.model.path={sd_folder}",
+            "--config.sampler.train_steps=(2, 3)",
+            "--config.train.images_per_prompt=8",
+            "--config.train.prompts_per_step=2",
+            "--config.loss.num_ot_samples=8",
+            "--config.train.lr=0.01",
+            *overrides,
+        ],
+        validate=False,
+    )
+
+
+def tiny_components(sd_folder: str, cfg) -> Components:
+    sd = load_stable_diffusion(sd_folder, cache_dir=None)
+    net = MultiHeadConvNet({"gender": 2})
+    classifier_params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+
+    def classify(params, images):
+        return net.apply({"params": params}, images), jnp.ones(images.shape[:1], bool)
+
+    def features(params, images):
+        return net.apply({"params": params}, images)["gender"]
+
+    return Components(
+        cfg=cfg,
+        model_path=sd_folder,
+        unet=sd.unet,
+        unet_params=sd.unet_params,
+        text_encoder=sd.text_encoder,
+        text_encoder_params=sd.text_encoder_params,
+        tokenizer=sd.tokenizer,
+        vae=sd.vae,
+        vae_params=sd.vae_params,
+        vae_scaling_factor=sd.vae_scaling_factor,
+        schedule=sampling.make_schedule(sd.scheduler),
+        spec=_adaptor_spec(cfg, sd_folder, sd.unet_params, sd.text_encoder_params),
+        attributes=["gender"],
+        num_classes={"gender": 2},
+        targets={"gender": np.array([0.5, 0.5], np.float32)},
+        classifier=classify,
+        classifier_params=classifier_params,
+        feature_fns=[features],
+        feature_params=[classifier_params],
+        train_prompts=list(PROMPTS),
+        eval_prompts={"test": list(PROMPTS)},
+    )
+
+
+if __name__ == "__main__":
+    jax.config.update(
+        "jax_compilation_cache_dir",
+        os.environ.get("FAIRDIFF_JAX_CACHE", os.path.expanduser("~/.cache/fairdiff_jax/xla_cache")),
+    )
+    from fairdiff_jax.train import train
+
+    folder, workdir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cfg = tiny_config(
+        folder, f"--config.num_steps={steps}", "--config.checkpoint_every=1", "--config.keep_checkpoints=10"
+    )
+    train(cfg, workdir, components=tiny_components(folder, cfg), progress=False)

@@ -1,0 +1,165 @@
+"""``fairdiff demo``: the whole method on the embedded toy world, on a laptop CPU, nothing downloaded.
+
+Builds (or reuses) the toy world, measures the base model's bias with M images per prompt, debiases it with
+the paper's method (adjusted DFT + distributional alignment; text-encoder LoRA by default), evaluates again
+on the debiased and the held-out occupations, and writes ``DIR/report/``: ``metrics.json`` (``before`` and
+``after`` sections in the DESIGN.md §3 format), ``report.md``, image grids with attribute bars, and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from fairdiff_jax import adapters
+from fairdiff_jax.components import Components, build_components
+from fairdiff_jax.config import load_config, split_overrides
+from fairdiff_jax.evaluate import bias_metrics, generate_prompt_set
+from fairdiff_jax.metrics import read_metrics, save_image_grid
+from fairdiff_jax.toyworld import plots
+
+log = logging.getLogger(__name__)
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_config.py")
+ADAPTORS = ("text_lora", "unet_lora", "both", "soft_tokens")
+
+
+def cue_accuracy(comp: Components, results: Sequence[dict]) -> float:
+    """Share of images whose occupation cue (read by the toy cue classifier) matches the prompt's."""
+    from fairdiff_jax.toyworld import classifiers, world
+
+    correct = total = 0
+    for record in results:
+        occupation = record["prompt"].split("a photo of a ", 1)[-1]
+        images = record["images"].astype(np.float32) / 127.5 - 1.0
+        predicted = classifiers.predict({"cue": comp.classifier_params["cue"]}, images)["occupation"]
+        correct += int(np.sum(predicted == world.occupation_index(occupation)))
+        total += len(predicted)
+    return correct / max(total, 1)
+
+
+def measure(comp: Components, unet_params, te_params, out_dir: str, *, soft_tokens: bool, progress: bool) -> dict:
+    """Bias metrics and cue accuracy on the debiased and the held-out occupations."""
+    section = {}
+    for split, prompts in comp.eval_prompts.items():
+        results = generate_prompt_set(
+            comp,
+            unet_params,
+            te_params,
+            prompts,
+            os.path.join(out_dir, split),
+            soft_tokens=soft_tokens,
+            progress=progress,
+        )
+        metrics = bias_metrics(results, comp.num_classes)
+        metrics["cue_accuracy"] = cue_accuracy(comp, results)
+        metrics["per_prompt_freq"] = {
+            r["prompt"]: {
+                a: np.bincount(r["labels"][a][r["valid"]], minlength=k).tolist() for a, k in comp.num_classes.items()
+            }
+            for r in results
+        }
+        section[split] = (metrics, results)
+    return section
+
+
+def _summary(section: dict) -> dict:
+    """The DESIGN.md §3 keys from the debiased split, plus the held-out split under ``held_out``."""
+    main, _ = section["debiased"]
+    out = {k: main[k] for k in ("bias", "bias_std", "freq", "n_images", "bias_floor", "cue_accuracy")}
+    out["per_prompt_bias"] = main["per_prompt_bias"]
+    held, _ = section["held_out"]
+    out["held_out"] = {k: held[k] for k in ("bias", "bias_std", "freq", "n_images", "cue_accuracy", "per_prompt_bias")}
+    return out
+
+
+def run_demo(workdir: str, adaptor: str = "text_lora", overrides: Sequence[str] = (), *, progress: bool = True) -> dict:
+    """Run the demo in ``workdir``; returns the report's metrics dict."""
+    started = time.perf_counter()
+    cfg = load_config(f"{DEMO_CONFIG}:{adaptor}", list(overrides))
+    comp = build_components(cfg)
+    report_dir = os.path.join(workdir, "report")
+    os.makedirs(report_dir, exist_ok=True)
+    timings = {"setup_seconds": time.perf_counter() - started}
+
+    before = measure(
+        comp,
+        comp.unet_params,
+        comp.text_encoder_params,
+        os.path.join(workdir, "eval", "before"),
+        soft_tokens=False,
+        progress=progress,
+    )
+    timings["before_seconds"] = time.perf_counter() - started - timings["setup_seconds"]
+
+    from fairdiff_jax.train import train
+
+    mark = time.perf_counter()
+    train(cfg, os.path.join(workdir, "train"), components=comp, progress=progress)
+    timings["train_seconds"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    _, item = adapters.restore_adaptor_item(os.path.join(workdir, "train"))
+    unet_params, te_params = adapters.apply_adaptor(comp.spec, item["ema"], comp.unet_params, comp.text_encoder_params)
+    after = measure(
+        comp, unet_params, te_params, os.path.join(workdir, "eval", "after"), soft_tokens=True, progress=progress
+    )
+    timings["after_seconds"] = time.perf_counter() - mark
+    timings["total_seconds"] = time.perf_counter() - started
+
+    metrics = {
+        "before_per_prompt": {split: before[split][0]["per_prompt_freq"] for split in before},
+        "after_per_prompt": {split: after[split][0]["per_prompt_freq"] for split in after},
+        "before": _summary(before),
+        "after": _summary(after),
+        "targets": {name: [float(t) for t in comp.targets[name]] for name in comp.attributes},
+        "adaptor": adaptor,
+        "images_per_prompt": int(cfg.eval.images_per_prompt),
+        "train_steps": int(cfg.num_steps),
+        "timings": timings,
+    }
+    with open(os.path.join(report_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
+    for split in ("debiased", "held_out"):
+        for tag, section in (("before", before), ("after", after)):
+            results = section[split][1][:4]
+            images = np.concatenate([r["images"][:16] for r in results]).astype(np.float32) / 127.5 - 1.0
+            labels = {a: np.concatenate([r["labels"][a][:16] for r in results]) for a in comp.attributes}
+            save_image_grid(images, os.path.join(report_dir, f"grid_{split}_{tag}.png"), 16, labels)
+    plots.training_curves(
+        read_metrics(os.path.join(workdir, "train")), comp.attributes, os.path.join(report_dir, "training_curves.png")
+    )
+    plots.frequency_bars(metrics, comp.attributes, os.path.join(report_dir, "frequencies.png"))
+    with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(plots.markdown_report(metrics, comp.attributes))
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    pairs, rest = split_overrides(list(argv or []))
+    parser = argparse.ArgumentParser(prog="fairdiff demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="where the run and its report/ are written")
+    parser.add_argument("--adaptor", default="text_lora", choices=ADAPTORS, help="what to finetune")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    metrics = run_demo(
+        args.workdir, args.adaptor, [f"--config.{k}={v}" for k, v in pairs], progress=not args.no_progress
+    )
+    before, after = metrics["before"], metrics["after"]
+    for name in metrics["targets"]:
+        print(
+            f"{name}: bias {before['bias'][name]:.3f} -> {after['bias'][name]:.3f} "
+            f"(floor {after['bias_floor'][name]:.3f}); held-out {before['held_out']['bias'][name]:.3f} -> "
+            f"{after['held_out']['bias'][name]:.3f}"
+        )
+    print(
+        f"cue accuracy {before['cue_accuracy']:.3f} -> {after['cue_accuracy']:.3f}; report: "
+        f"{os.path.join(args.workdir, 'report', 'report.md')}"
+    )
+    return 0

@@ -117,7 +117,7 @@ def run_demo(workdir: str, adaptor: str = "text_lora", overrides: Sequence[str] 
         "after_per_prompt": {split: after[split][0]["per_prompt_freq"] for split in after},
         "before": _summary(before),
         "after": _summary(after),
-        "targets": {name: [float(t) for t in comp.targets[name]] for name in comp.attributes},
+        "targets": {name: [float(t) for t in cfg.attributes[name].target] for name in comp.attributes},
         "adaptor": adaptor,
         "images_per_prompt": int(cfg.eval.images_per_prompt),
         "train_steps": int(cfg.num_steps),

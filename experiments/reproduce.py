@@ -83,6 +83,7 @@ def reproduce(
     table: str,
     root: str,
     overrides: Sequence[str],
+    classifiers: dict[str, str],
     *,
     train_steps: int | None = None,
     rows: Sequence[str] | None = None,
@@ -98,7 +99,7 @@ def reproduce(
             continue
         for prompt_set in prompt_sets or (None,):
             metrics = run_row(
-                config, os.path.join(root, name), overrides, train_steps=train_steps, prompt_set=prompt_set
+                config, os.path.join(root, name), overrides, classifiers, train_steps=train_steps, prompt_set=prompt_set
             )
             label = f"{prompt_set}: " if prompt_set else ""
             models = metrics["models"]

@@ -142,10 +142,11 @@ def train(cfg, workdir: str, *, components: Components | None = None, progress: 
                 writer.write_scalars(step, scalars)
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}")
             meta = {"prompts": prompts.state(), "skipped": int(np.asarray(state.skipped))}
-            checkpointer.save(step, {"params": state.params, "ema": state.ema}, state.opt_state, meta)
+            # the last step is always saved, so a run shorter than checkpoint_every still leaves its adaptor
+            last = step == total or preempted.any_requested()
+            checkpointer.save(step, {"params": state.params, "ema": state.ema}, state.opt_state, meta, force=last)
             bar.update(1)
             if preempted.any_requested():
-                checkpointer.save(step, {"params": state.params, "ema": state.ema}, state.opt_state, meta, force=True)
                 log.warning("stopping at step %d on request (SIGTERM); the checkpoint is written", step)
                 break
         bar.close()

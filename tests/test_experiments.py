@@ -1,0 +1,61 @@
+"""The table-reproduction script end to end on tiny models: tiny SD folder, a tiny MobileNetV3 classifier."""
+
+import json
+import os
+import sys
+
+from fairdiff_jax.attributes import MobileNetV3Large, init_variables, save_classifier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import reproduce  # noqa: E402
+
+
+def test_table1_gender_row_on_tiny_models(tiny_sd_path, tmp_path, capsys):
+    classifier = str(tmp_path / "gender_classifier")
+    module = MobileNetV3Large({"gender": 2}, width_multiplier=0.25)
+    save_classifier(
+        classifier,
+        init_variables(module, image_size=32, seed=0),
+        classes={"gender": ("female", "male")},
+        width_multiplier=0.25,
+        input_size=32,
+        face_crop=False,
+    )
+    prompts = str(tmp_path / "prompts.json")
+    with open(prompts, "w") as f:
+        json.dump(["a photo of a doctor", "a photo of a nurse"], f)
+    root = str(tmp_path / "table1")
+    code = reproduce.main(
+        [
+            "--table",
+            "1",
+            "--root",
+            root,
+            "--sd",
+            tiny_sd_path,
+            "--classifier",
+            f"gender={classifier}",
+            "--steps",
+            "1",
+            "--rows",
+            "gender",
+            f"--config.data.prompts={prompts}",
+            "--config.model.dtype=float32",
+            "--config.train.images_per_prompt=8",
+            "--config.train.prompts_per_step=1",
+            "--config.sampler.train_steps=(2, 2)",
+            "--config.sampler.eval_steps=2",
+            "--config.eval.images_per_prompt=8",
+            "--config.eval.batch_size=8",
+            "--config.adaptor.rank=2",
+        ]
+    )
+    assert code == 0
+    table = open(os.path.join(root, "table1.md")).read()
+    assert "| original (ours) |" in table and "| gender (ours) |" in table
+    assert "| gender (paper) | .23±.16 |" in table
+    with open(os.path.join(root, "gender", "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["n_images"] == 16 and set(metrics["models"]) == {"original", "debiased (step 1)"}
+    assert "gender (ours)" in capsys.readouterr().out

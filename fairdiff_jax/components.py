@@ -92,9 +92,9 @@ def _toy_pieces(cfg: ConfigDict, names: Sequence[str]):
         logits, valid = toy_classifiers.classify({"attributes": p["attributes"]}, images)
         return {n: logits[n] for n in names}, valid
 
-    def cue_features(p, images):  # semantics of the toy world: the occupation cue
+    def cue_features(p, images):  # semantics of the toy world: the occupation cue (logits: softmax saturates)
         logits, _ = toy_classifiers.classify({"cue": p["cue"]}, images)
-        return jax.nn.softmax(logits["occupation"], axis=-1)
+        return logits["occupation"]
 
     def prompts(held_out):
         return [toy_world.PROMPT_TEMPLATE.format(occupation=o) for o in toy_world.split(held_out)]

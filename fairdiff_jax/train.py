@@ -101,6 +101,12 @@ def train(cfg, workdir: str, *, components: Components | None = None, progress: 
             f"train.images_per_prompt={cfg.train.images_per_prompt} must be a multiple of the {mesh.size} devices; "
             "change it or run on fewer devices"
         )
+    microbatch = int(cfg.train.microbatch)
+    if microbatch not in (0, int(cfg.train.images_per_prompt) * int(cfg.train.prompts_per_step)):
+        raise FairdiffError(
+            f"train.microbatch={microbatch}: gradient micro-batching is not implemented yet; set it to 0 (the whole "
+            "batch in one pass) and lower train.images_per_prompt or use more devices if memory is short"
+        )
     optimizer = make_optimizer(cfg)
     state = init_state(comp, optimizer, jax.random.PRNGKey(int(cfg.seed) + 1))
     prompts = PromptIterator(comp.train_prompts, int(cfg.train.prompts_per_step), seed=int(cfg.seed))

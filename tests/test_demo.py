@@ -25,10 +25,10 @@ TINY_TOY_UNET = {
 
 @pytest.fixture(scope="module")
 def tiny_world_cache(tmp_path_factory):
-    """A FAIRDIFF_CACHE whose toy/ holds a tiny (untrained) world, so the demo does not build the real one."""
-    cache = str(tmp_path_factory.mktemp("cache"))
+    """A tiny (untrained) toy world, used instead of the shipped one through ``FAIRDIFF_TOY_WORLD``."""
+    folder = os.path.join(str(tmp_path_factory.mktemp("cache")), "toy")
     build.build_toy_world(
-        os.path.join(cache, "toy"),
+        folder,
         steps=2,
         seed=1,
         progress=False,
@@ -38,14 +38,12 @@ def tiny_world_cache(tmp_path_factory):
         images_per_prompt=0,
         unet_config=TINY_TOY_UNET,
     )
-    return cache
+    return folder
 
 
 @pytest.mark.parametrize("adaptor", ["text_lora"])
 def test_demo_writes_the_report(tiny_world_cache, tmp_path, monkeypatch, capsys, adaptor):
-    if build.is_complete(build.SHIPPED_DIR):
-        pytest.skip("a shipped toy world takes precedence over the cache; covered by the full demo")
-    monkeypatch.setenv("FAIRDIFF_CACHE", tiny_world_cache)
+    monkeypatch.setenv("FAIRDIFF_TOY_WORLD", tiny_world_cache)
     workdir = str(tmp_path / "demo")
     code = cli.main(
         [

@@ -40,7 +40,7 @@ REQUIRED_FILES = (
 )
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 GUIDANCE_SCALE = 3.0
-NUM_INFERENCE_STEPS = 25
+NUM_INFERENCE_STEPS = 10  # what the demo samples with (demo_config.py: sampler.eval_steps)
 
 
 def is_complete(folder: str) -> bool:
@@ -150,12 +150,12 @@ def _check_converged(losses: Sequence[tuple[int, float]], learning_rate: float) 
 def build_toy_world(
     out_dir: str,
     *,
-    steps: int = 600,
+    steps: int = 1500,
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 64,
     classifier_steps: int = 200,
-    learning_rate: float = 4e-4,
+    learning_rate: float = 2e-4,
     images_per_prompt: int = 200,
     guidance_scale: float = GUIDANCE_SCALE,
     num_inference_steps: int = NUM_INFERENCE_STEPS,
@@ -270,7 +270,16 @@ def default_cache_dir() -> str:
 
 
 def ensure_toy_world(cache_dir: str | None = None, *, progress: bool = True) -> str:
-    """Path of a finished toy-world build: the one shipped in the package, else a cached or fresh build."""
+    """Path of a finished toy-world build: ``$FAIRDIFF_TOY_WORLD`` if set, else the one shipped in the package,
+    else a cached or fresh build."""
+    chosen = os.environ.get("FAIRDIFF_TOY_WORLD")
+    if chosen:
+        if not is_complete(chosen):
+            raise FairdiffError(
+                f"FAIRDIFF_TOY_WORLD={chosen} is not a complete toy-world build; unset it or build one there with "
+                "fairdiff_jax.toyworld.build.build_toy_world(folder)"
+            )
+        return chosen
     if is_complete(SHIPPED_DIR):
         return SHIPPED_DIR
     folder = cache_dir or default_cache_dir()

@@ -27,6 +27,7 @@ from fairdiff_jax.toyworld import plots
 log = logging.getLogger(__name__)
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_config.py")
 ADAPTORS = ("text_lora", "unet_lora", "both", "soft_tokens")
+GRID_ZOOM = 6
 
 
 def cue_accuracy(comp: Components, results: Sequence[dict]) -> float:
@@ -129,6 +130,7 @@ def run_demo(workdir: str, adaptor: str = "text_lora", overrides: Sequence[str] 
         for tag, section in (("before", before), ("after", after)):
             results = section[split][1][:4]
             images = np.concatenate([r["images"][:16] for r in results]).astype(np.float32) / 127.5 - 1.0
+            images = images.repeat(GRID_ZOOM, axis=1).repeat(GRID_ZOOM, axis=2)  # 8x8 pixels are too small to see
             labels = {a: np.concatenate([r["labels"][a][:16] for r in results]) for a in comp.attributes}
             save_image_grid(images, os.path.join(report_dir, f"grid_{split}_{tag}.png"), 16, labels)
     plots.training_curves(

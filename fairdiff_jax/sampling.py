@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairdiff_jax.errors import FairdiffError
+from fairdiff_jax.gradients import scale_gradient
 from fairdiff_jax.schedules import (
     SOLVERS,
     NoiseSchedule,
@@ -91,21 +92,7 @@ def _check_mode(gradient_mode: str) -> None:
         )
 
 
-@jax.custom_vjp
-def scale_cotangent(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """Identity in the forward pass; the backward pass multiplies the cotangent of ``x`` by ``scale``."""
-    return x
-
-
-def _scale_cotangent_fwd(x, scale):
-    return x, scale
-
-
-def _scale_cotangent_bwd(scale, cotangent):
-    return (cotangent * scale.astype(cotangent.dtype), jnp.zeros_like(scale))
-
-
-scale_cotangent.defvjp(_scale_cotangent_fwd, _scale_cotangent_bwd)
+scale_cotangent = scale_gradient  # the adjusted DFT's c_i scaling (identity forward, cotangent x c_i)
 
 
 def guided_output(

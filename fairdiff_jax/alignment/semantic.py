@@ -8,24 +8,9 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from fairdiff_jax.gradients import scale_gradient
+
 FeatureExtractor = Callable[[jax.Array], jax.Array]  # images [B, H, W, 3] in [-1, 1] -> [B, D]
-
-
-@jax.custom_vjp
-def scale_gradient(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """Identity in the forward pass; the backward pass multiplies the cotangent by ``scale`` (broadcast to x)."""
-    return x
-
-
-def _scale_gradient_fwd(x, scale):
-    return x, scale
-
-
-def _scale_gradient_bwd(scale, cotangent):
-    return (cotangent * scale).astype(cotangent.dtype), jnp.zeros_like(scale)
-
-
-scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
 def box_mask(boxes: jax.Array, height: int, width: int) -> jax.Array:

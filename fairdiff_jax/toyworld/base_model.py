@@ -23,7 +23,7 @@ import optax
 from tqdm.auto import tqdm
 
 from fairdiff_jax.models import loader
-from fairdiff_jax.models.tiny import MODEL_INDEX, SD15_SCHEDULER, write_component
+from fairdiff_jax.models.tiny import MODEL_INDEX, SD15_SCHEDULER, TINY_TEXT_ENCODER, write_component
 from fairdiff_jax.models.tokenizer_files import write_tokenizer_folder
 from fairdiff_jax.toyworld import world
 
@@ -41,18 +41,8 @@ UNET_CONFIG = {
     "norm_num_groups": 32,
 }
 
-TEXT_ENCODER_CONFIG = {
-    "architectures": ["CLIPTextModel"],
-    "model_type": "clip_text_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 16,
-    "projection_dim": 32,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-}
+# the same tiny CLIP text encoder the tests use (width 32, 2 layers, 16 tokens)
+TEXT_ENCODER_CONFIG = dict(TINY_TEXT_ENCODER)
 
 TOY_MODEL_INDEX = {**MODEL_INDEX, "vae": [None, None]}
 PROMPT_DROP_RATE = 0.1

@@ -101,11 +101,12 @@ def train(cfg, workdir: str, *, components: Components | None = None, progress: 
             f"train.images_per_prompt={cfg.train.images_per_prompt} must be a multiple of the {mesh.size} devices; "
             "change it or run on fewer devices"
         )
+    local_images = int(cfg.train.images_per_prompt) // mesh.size * int(cfg.train.prompts_per_step)
     microbatch = int(cfg.train.microbatch)
-    if microbatch not in (0, int(cfg.train.images_per_prompt) * int(cfg.train.prompts_per_step)):
+    if microbatch < 0 or (microbatch and local_images % microbatch):
         raise FairdiffError(
-            f"train.microbatch={microbatch}: gradient micro-batching is not implemented yet; set it to 0 (the whole "
-            "batch in one pass) and lower train.images_per_prompt or use more devices if memory is short"
+            f"train.microbatch={microbatch} must be 0 (all images in one pass) or divide the {local_images} images "
+            "each device generates per step (images_per_prompt / devices x prompts_per_step)"
         )
     optimizer = make_optimizer(cfg)
     state = init_state(comp, optimizer, jax.random.PRNGKey(int(cfg.seed) + 1))

@@ -16,7 +16,12 @@ import jax.numpy as jnp
 import optax
 
 from fairdiff_jax import adapters
-from fairdiff_jax.alignment import distributional_alignment_grouped, semantic_loss, semantic_weights
+from fairdiff_jax.alignment import (
+    alignment_cross_entropy,
+    distributional_alignment_grouped,
+    semantic_loss,
+    semantic_weights,
+)
 from fairdiff_jax.components import Components, embed, generate_images
 from fairdiff_jax.metrics import all_finite, bias_from_freq, keep_if_finite
 from fairdiff_jax.parallel import AXIS, pmean
@@ -82,6 +87,73 @@ def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *
     mode = cfg.sampler.gradient_mode
     reduce = (lambda tree: pmean(tree, axis_name)) if axis_name else (lambda tree: tree)
 
+    microbatch = int(cfg.train.microbatch)
+
+    def extractors_of(frozen):
+        return [(lambda images, fn=fn, p=p: fn(p, images)) for fn, p in zip(comp.feature_fns, frozen["features"])]
+
+    def microbatched_value_and_grad(params, frozen, batch, noise, x_ori, ori_pred):
+        """Two passes: targets from all images without gradient, then the gradient ``microbatch`` images at a
+        time (a ``lax.scan``), so the backward pass holds one chunk. Equal to the one-pass gradient."""
+        n, num_prompts = batch.noise.shape[:2]
+        total_images = n * num_prompts
+        if total_images % microbatch:
+            raise ValueError(f"train.microbatch={microbatch} must divide the {total_images} images on a device")
+        prompt_of = jnp.arange(total_images) % num_prompts  # image-major rows
+
+        def images_of(params, rows_noise, rows_prompt, gradient_mode):
+            unet_params, te_params = adapters.apply_adaptor(spec, params, frozen["unet"], frozen["text_encoder"])
+            cond = embed(comp, te_params, batch.cond_ids)[rows_prompt]
+            uncond = embed(comp, te_params, batch.uncond_ids)
+            return generate_images(
+                comp,
+                unet_params,
+                cond,
+                uncond,
+                rows_noise,
+                batch.num_steps,
+                max_steps=max_steps,
+                gradient_mode=gradient_mode,
+            )
+
+        images = jax.lax.stop_gradient(images_of(params, noise, prompt_of, "detached"))
+        logits, valid = comp.classifier(frozen["classifier"], images)
+        align = distributional_alignment_grouped(
+            {k: _group(v, n, num_prompts) for k, v in logits.items()},
+            _group(valid, n, num_prompts),
+            targets,
+            key=batch.key,
+            num_samples=int(loss_cfg.num_ot_samples),
+            confidence=float(loss_cfg.confidence),
+            axis_name=axis_name,
+        )
+        labels = {k: _ungroup(v) for k, v in align.labels.items()}
+        weights = semantic_weights(labels, ori_pred, factor1)
+        use_img = bool(comp.feature_fns) and float(loss_cfg.lambda_img) > 0
+
+        def chunk_loss(params, rows_noise, rows_prompt, rows_x_ori, rows_labels, rows_weights):
+            chunk_images = images_of(params, rows_noise, rows_prompt, mode)
+            chunk_logits, _ = comp.classifier(frozen["classifier"], chunk_images)
+            ce = sum(alignment_cross_entropy(chunk_logits[k], rows_labels[k], total_images) for k in rows_labels)
+            img = jnp.zeros((), jnp.float32)
+            if use_img:
+                _, per_image = semantic_loss(chunk_images, rows_x_ori, extractors_of(frozen))
+                img = jnp.sum(rows_weights * per_image) / total_images
+            return ce + float(loss_cfg.lambda_img) * img, (ce, img)
+
+        def chunks(x):
+            return x.reshape((total_images // microbatch, microbatch) + x.shape[1:])
+
+        def accumulate(carry, rows):
+            (loss, (ce, img)), grads = jax.value_and_grad(chunk_loss, has_aux=True)(params, *rows)
+            return jax.tree.map(jnp.add, carry, (loss, ce, img, grads)), None
+
+        zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        rows = (chunks(noise), chunks(prompt_of), chunks(x_ori), jax.tree.map(chunks, labels), chunks(weights))
+        (loss, ce, img, grads), _ = jax.lax.scan(accumulate, zeros, rows)
+        aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": ce, "img": img}
+        return loss, aux, grads
+
     def step(state: TrainState, frozen: dict, batch: Batch):
         n, num_prompts = batch.noise.shape[:2]
         noise = batch.noise.reshape((n * num_prompts,) + batch.noise.shape[2:])
@@ -137,7 +209,10 @@ def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *
             aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align.loss, "img": semantic}
             return total, aux
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if microbatch:
+            loss, aux, grads = microbatched_value_and_grad(state.params, frozen, batch, noise, x_ori, ori_pred)
+        else:
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = reduce(grads)
         loss = reduce(loss)
         finite = all_finite(grads) & jnp.isfinite(loss)

@@ -114,3 +114,22 @@ def test_bad_input_gives_one_clear_line(override, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_microbatched_gradient_equals_one_pass(world, tiny_sd_path):
+    optimizer = optax.sgd(1.0)
+    chunked_world = tiny_components(tiny_sd_path, tiny_config(tiny_sd_path, "--config.train.microbatch=4"))
+    state = init_state(world, optimizer, jax.random.PRNGKey(1))
+    state = state._replace(params=jax.tree.map(lambda x: x + 0.05, state.params))
+    batch = make_batch(world, PROMPTS[:2], step=2)
+    results = []
+    for comp in (world, chunked_world):
+        new_state, metrics = jax.jit(make_train_step(comp, optimizer, max_steps=3, axis_name=None))(
+            state, frozen_tree(comp), batch
+        )
+        results.append((jax.tree.map(lambda a, b: a - b, new_state.params, state.params), metrics))
+    (one_pass, m1), (chunked, m2) = results
+    assert float(optax.global_norm(one_pass)) > 1e-6
+    for name in ("loss", "loss_align", "loss_img", "freq/gender", "confident/gender"):
+        np.testing.assert_allclose(np.asarray(m2[name]), np.asarray(m1[name]), rtol=1e-4, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-7), chunked, one_pass)

@@ -22,7 +22,14 @@ from fairdiff_jax.checkpointing import Checkpointer, PreemptionFlag
 from fairdiff_jax.components import Components, build_components, latent_shape, tokenize
 from fairdiff_jax.config import config_from_argv, write_resolved_config
 from fairdiff_jax.errors import FairdiffError
-from fairdiff_jax.metrics import MetricsWriter, NonFiniteGuard, compile_with_stats, is_main_process, progress_bar
+from fairdiff_jax.metrics import (
+    MetricsWriter,
+    NonFiniteGuard,
+    compile_with_stats,
+    is_main_process,
+    progress_bar,
+    save_image_grid,
+)
 from fairdiff_jax.prompts import PromptIterator
 from fairdiff_jax.train_step import Batch, TrainState, init_state, make_optimizer, make_train_step
 
@@ -87,6 +94,24 @@ def _host_metrics(metrics: dict) -> dict:
     return out
 
 
+def write_samples(comp: Components, ema_params, prompts: Sequence[str], path: str, generator, per_prompt: int = 8):
+    """A grid of ``per_prompt`` images per prompt from the EMA adaptor, fixed noise, a bar per attribute."""
+    unet_params, te_params = adapters.apply_adaptor(comp.spec, ema_params, comp.unet_params, comp.text_encoder_params)
+    uncond_ids = jnp.asarray(tokenize(comp, [""], soft_tokens=False))
+    images, labels = [], {name: [] for name in comp.attributes}
+    for index, prompt in enumerate(prompts):
+        noise = jax.random.normal(jax.random.PRNGKey(index), (per_prompt,) + latent_shape(comp), jnp.float32)
+        cond_ids = jnp.asarray(tokenize(comp, [prompt], soft_tokens=True))
+        out, pred, _ = generator(unet_params, te_params, cond_ids, uncond_ids, noise, comp.classifier_params)
+        images.append(np.asarray(out))
+        for name in comp.attributes:
+            labels[name].append(np.asarray(pred[name]))
+    grid = np.concatenate(images)
+    zoom = max(1, 64 // grid.shape[1])  # tiny toy images are blown up to be visible
+    grid = grid.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    return save_image_grid(grid, path, per_prompt, {k: np.concatenate(v) for k, v in labels.items()})
+
+
 def train(cfg, workdir: str, *, components: Components | None = None, progress: bool = True) -> TrainState:
     """Train (or resume) the adaptor described by ``cfg`` in ``workdir``; returns the final state."""
     parallel.maybe_initialize_distributed(cfg)
@@ -131,9 +156,10 @@ def train(cfg, workdir: str, *, components: Components | None = None, progress: 
     total = int(cfg.num_steps)
     with MetricsWriter(workdir) as writer, PreemptionFlag() as preempted, checkpointer:
         bar = progress_bar(total, initial=start, enabled=progress and is_main_process())
-        compiled = None
+        compiled = sampler = None
         for step in range(start + 1, total + 1):
-            batch = place_batch(make_batch(comp, next(prompts), step), mesh)
+            prompts_now = next(prompts)
+            batch = place_batch(make_batch(comp, prompts_now, step), mesh)
             if compiled is None:
                 if cfg.parallel.mode == "shard_map":
                     compiled, stats = compile_with_stats(step_fn, state, frozen, batch)
@@ -148,6 +174,14 @@ def train(cfg, workdir: str, *, components: Components | None = None, progress: 
                 scalars["step_seconds"] = time.perf_counter() - started
                 writer.write_scalars(step, scalars)
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}")
+            if step % int(cfg.sample_every) == 0 and is_main_process():
+                if sampler is None:
+                    from fairdiff_jax.evaluate import make_generator
+
+                    sampler = make_generator(comp, int(cfg.sampler.eval_steps))
+                path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+                grid = write_samples(comp, jax.device_get(state.ema), prompts_now, path, sampler)
+                writer.write_image(step, "samples", grid)
             meta = {"prompts": prompts.state(), "skipped": int(np.asarray(state.skipped))}
             # the last step is always saved, so a run shorter than checkpoint_every still leaves its adaptor
             last = step == total or preempted.any_requested()

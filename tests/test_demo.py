@@ -62,6 +62,7 @@ def test_demo_writes_the_report(tiny_world_cache, tmp_path, monkeypatch, capsys,
             "--config.eval.images_per_prompt=8",
             "--config.eval.batch_size=8",
             "--config.attributes.gender.target=(0.3, 0.7)",
+            "--config.sample_every=2",
         ]
     )
     assert code == 0
@@ -78,3 +79,4 @@ def test_demo_writes_the_report(tiny_world_cache, tmp_path, monkeypatch, capsys,
     for name in ("report.md", "training_curves.png", "frequencies.png", "grid_debiased_before.png"):
         assert os.path.getsize(os.path.join(report, name)) > 0
     assert "gender: bias" in capsys.readouterr().out
+    assert os.path.getsize(os.path.join(workdir, "train", "samples", "step_0000002.png")) > 0  # sample grid

@@ -89,35 +89,30 @@ def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *
 
     microbatch = int(cfg.train.microbatch)
 
+    use_img = bool(comp.feature_fns) and float(loss_cfg.lambda_img) > 0
+
     def extractors_of(frozen):
         return [(lambda images, fn=fn, p=p: fn(p, images)) for fn, p in zip(comp.feature_fns, frozen["features"])]
 
-    def microbatched_value_and_grad(params, frozen, batch, noise, x_ori, ori_pred):
-        """Two passes: targets from all images without gradient, then the gradient ``microbatch`` images at a
-        time (a ``lax.scan``), so the backward pass holds one chunk. Equal to the one-pass gradient."""
+    def adapted_images(params, frozen, batch, rows_noise, rows_prompt, gradient_mode):
+        """Images ``[R, H, W, 3]`` of the adapted model for noise rows and their prompt indices ``[R]``."""
+        unet_params, te_params = adapters.apply_adaptor(spec, params, frozen["unet"], frozen["text_encoder"])
+        cond = embed(comp, te_params, batch.cond_ids)[rows_prompt]
+        uncond = embed(comp, te_params, batch.uncond_ids)
+        return generate_images(
+            comp,
+            unet_params,
+            cond,
+            uncond,
+            rows_noise,
+            batch.num_steps,
+            max_steps=max_steps,
+            gradient_mode=gradient_mode,
+        )
+
+    def aligned_targets(logits, valid, batch):
+        """Dynamic targets per prompt group (over all devices) for image-major rows; returns (align, labels)."""
         n, num_prompts = batch.noise.shape[:2]
-        total_images = n * num_prompts
-        if total_images % microbatch:
-            raise ValueError(f"train.microbatch={microbatch} must divide the {total_images} images on a device")
-        prompt_of = jnp.arange(total_images) % num_prompts  # image-major rows
-
-        def images_of(params, rows_noise, rows_prompt, gradient_mode):
-            unet_params, te_params = adapters.apply_adaptor(spec, params, frozen["unet"], frozen["text_encoder"])
-            cond = embed(comp, te_params, batch.cond_ids)[rows_prompt]
-            uncond = embed(comp, te_params, batch.uncond_ids)
-            return generate_images(
-                comp,
-                unet_params,
-                cond,
-                uncond,
-                rows_noise,
-                batch.num_steps,
-                max_steps=max_steps,
-                gradient_mode=gradient_mode,
-            )
-
-        images = jax.lax.stop_gradient(images_of(params, noise, prompt_of, "detached"))
-        logits, valid = comp.classifier(frozen["classifier"], images)
         align = distributional_alignment_grouped(
             {k: _group(v, n, num_prompts) for k, v in logits.items()},
             _group(valid, n, num_prompts),
@@ -127,12 +122,23 @@ def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *
             confidence=float(loss_cfg.confidence),
             axis_name=axis_name,
         )
-        labels = {k: _ungroup(v) for k, v in align.labels.items()}
+        return align, {k: _ungroup(v) for k, v in align.labels.items()}
+
+    def microbatched_value_and_grad(params, frozen, batch, noise, prompt_of, x_ori, ori_pred):
+        """Two passes: targets from all images without gradient, then the gradient ``microbatch`` images at a
+        time (a ``lax.scan``), so the backward pass holds one chunk. Equal to the one-pass gradient."""
+        n, num_prompts = batch.noise.shape[:2]
+        total_images = n * num_prompts
+        if total_images % microbatch:
+            raise ValueError(f"train.microbatch={microbatch} must divide the {total_images} images on a device")
+
+        images = jax.lax.stop_gradient(adapted_images(params, frozen, batch, noise, prompt_of, "detached"))
+        logits, valid = comp.classifier(frozen["classifier"], images)
+        _, labels = aligned_targets(logits, valid, batch)
         weights = semantic_weights(labels, ori_pred, factor1)
-        use_img = bool(comp.feature_fns) and float(loss_cfg.lambda_img) > 0
 
         def chunk_loss(params, rows_noise, rows_prompt, rows_x_ori, rows_labels, rows_weights):
-            chunk_images = images_of(params, rows_noise, rows_prompt, mode)
+            chunk_images = adapted_images(params, frozen, batch, rows_noise, rows_prompt, mode)
             chunk_logits, _ = comp.classifier(frozen["classifier"], chunk_images)
             ce = sum(alignment_cross_entropy(chunk_logits[k], rows_labels[k], total_images) for k in rows_labels)
             img = jnp.zeros((), jnp.float32)
@@ -157,6 +163,7 @@ def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *
     def step(state: TrainState, frozen: dict, batch: Batch):
         n, num_prompts = batch.noise.shape[:2]
         noise = batch.noise.reshape((n * num_prompts,) + batch.noise.shape[2:])
+        prompt_of = jnp.arange(n * num_prompts) % num_prompts  # the prompt of each image-major row
 
         def tile(emb):  # [P, L, D] -> [n*P, L, D], image-major like the noise
             return jnp.tile(emb, (n, 1, 1))
@@ -180,37 +187,22 @@ def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *
         ori_pred = _predictions(ori_logits)
 
         def loss_fn(params):
-            unet_params, te_params = adapters.apply_adaptor(spec, params, frozen["unet"], frozen["text_encoder"])
-            cond = embed(comp, te_params, batch.cond_ids)
-            uncond = embed(comp, te_params, batch.uncond_ids)
-            images = generate_images(
-                comp, unet_params, tile(cond), uncond, noise, batch.num_steps, max_steps=max_steps, gradient_mode=mode
-            )
+            images = adapted_images(params, frozen, batch, noise, prompt_of, mode)
             logits, valid = comp.classifier(frozen["classifier"], images)
-            align = distributional_alignment_grouped(
-                {k: _group(v, n, num_prompts) for k, v in logits.items()},
-                _group(valid, n, num_prompts),
-                targets,
-                key=batch.key,
-                num_samples=int(loss_cfg.num_ot_samples),
-                confidence=float(loss_cfg.confidence),
-                axis_name=axis_name,
-            )
-            labels = {k: _ungroup(v) for k, v in align.labels.items()}
+            align, labels = aligned_targets(logits, valid, batch)
             total = align.loss
             semantic = jnp.zeros((), jnp.float32)
-            if comp.feature_fns and float(loss_cfg.lambda_img) > 0:
-                extractors = [
-                    (lambda images, fn=fn, p=p: fn(p, images)) for fn, p in zip(comp.feature_fns, frozen["features"])
-                ]
+            if use_img:
                 weights = semantic_weights(labels, ori_pred, factor1)
-                semantic, _ = semantic_loss(images, x_ori, extractors, weights=weights)
+                semantic, _ = semantic_loss(images, x_ori, extractors_of(frozen), weights=weights)
                 total = total + float(loss_cfg.lambda_img) * semantic
             aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align.loss, "img": semantic}
             return total, aux
 
         if microbatch:
-            loss, aux, grads = microbatched_value_and_grad(state.params, frozen, batch, noise, x_ori, ori_pred)
+            loss, aux, grads = microbatched_value_and_grad(
+                state.params, frozen, batch, noise, prompt_of, x_ori, ori_pred
+            )
         else:
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = reduce(grads)

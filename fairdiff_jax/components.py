@@ -230,6 +230,7 @@ def generate_images(
         guidance_scale=float(cfg.guidance_scale),
         gradient_mode=gradient_mode,
         remat_policy=cfg.remat_policy,
+        unroll=cfg.unroll,
     )
     if comp.vae is None:  # pixel space: the samples are the images
         return jnp.clip(jnp.transpose(latents, (0, 2, 3, 1)), -1.0, 1.0)

@@ -28,6 +28,7 @@ GRADIENT_MODES = ("adjusted", "exact", "detached")
 SOLVERS = ("dpmpp_2m",)
 REMAT_POLICIES = ("full", "none", "dots_saveable", "nothing_saveable")
 PARALLEL_MODES = ("shard_map", "pmap")
+LR_SCHEDULES = ("constant", "cosine")
 
 # Class names in class order (PAPER.md encodings).
 CLASSES = {
@@ -88,6 +89,7 @@ def base_config() -> ConfigDict:
             "eval_steps": 25,
             "gradient_mode": "adjusted",
             "remat_policy": "full",
+            "unroll": 1,  # sampling steps per lax.scan iteration; >= the step count unrolls fully (faster, more memory)
         }
     )
     c.attributes = ConfigDict()
@@ -113,6 +115,9 @@ def base_config() -> ConfigDict:
             "weight_decay": 1e-2,
             "betas": (0.9, 0.999),
             "microbatch": 0,  # images per gradient micro-batch; 0 = all at once
+            # "constant" (the paper) or "cosine": decay from lr to lr * final_lr_fraction over num_steps
+            "lr_schedule": "constant",
+            "final_lr_fraction": 0.1,
         }
     )
     c.eval = ConfigDict({"images_per_prompt": 60, "seed": 2022, "batch_size": 32})
@@ -332,6 +337,11 @@ def validate_config(cfg: ConfigDict) -> None:
     _choice(cfg, "sampler.gradient_mode", GRADIENT_MODES)
     _choice(cfg, "sampler.remat_policy", REMAT_POLICIES)
     _choice(cfg, "parallel.mode", PARALLEL_MODES)
+    _choice(cfg, "train.lr_schedule", LR_SCHEDULES)
+    if not 0.0 <= cfg.train.final_lr_fraction <= 1.0:
+        raise FairdiffError(f"train.final_lr_fraction={cfg.train.final_lr_fraction} must lie in [0, 1]")
+    if int(cfg.sampler.unroll) < 1:
+        raise FairdiffError(f"sampler.unroll={cfg.sampler.unroll} must be >= 1 (1 = rolled loop; >= steps = unrolled)")
     if not cfg.attributes:
         raise FairdiffError("config has no attributes; add attributes.<name> with classes and target")
     for name, spec in cfg.attributes.items():

@@ -19,6 +19,9 @@ def get_config(arg=None):
     config.sampler.guidance_scale = 3.0
     config.sampler.train_steps = (6, 8)
     config.sampler.eval_steps = 10
+    # 8x8 pixels: unrolling the chain without remat halves the step on CPU (1.31 -> 0.65 s, 84 -> 590 MiB)
+    config.sampler.unroll = 8
+    config.sampler.remat_policy = "none"
     config.attributes.gender = attribute("gender", (0.5, 0.5), facial=False)
     config.loss.lambda_img = 8.0  # the paper's λ_img; 1.0 debiased faster but lost the cue (0.96 -> 0.77)
     config.loss.lambda_face = 0.0

@@ -38,10 +38,12 @@ setup(
             "scipy>=1.11",
             "tensorflow-datasets>=4.9.4",
             "importlib_resources>=6",
+            "opencv-python-headless>=4.9,<5",
+            "scikit-image>=0.22",
         ],
         "torch": ["torch==2.13.0", "peft>=0.13", "accelerate>=1.0"],
         "tfds": ["tensorflow-datasets>=4.9.4", "importlib_resources>=6"],
-        "faces": ["opencv-python-headless>=4.9"],
+        "faces": ["opencv-python-headless>=4.9,<5"],  # OpenCV 5 no longer ships the Haar cascades
     },
     entry_points={"console_scripts": ["fairdiff=fairdiff_jax.cli:main"]},
 )

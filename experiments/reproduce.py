@@ -1,11 +1,14 @@
 """Reproduce the paper's Tables 1, 5 and 6: train (or reuse) each run, evaluate it, print ours beside theirs.
 
     python experiments/reproduce.py --table 1 --sd /data/sd15 --root runs/table1 \\
-        --classifier gender=/data/cls/gender --classifier race=/data/cls/race [--config.num_steps=10000 ...]
+        --classifier gender=/data/cls/gender --classifier race=/data/cls/race \\
+        [--clip /data/clip --dino /data/dinov2] [--eval-clip /data/eval_clip --eval-dino /data/eval_dino] \\
+        [--config.num_steps=10000 ...]
 
 Each row's run lives in ``ROOT/<config>``; a finished run is reused (training resumes from its newest
-checkpoint, evaluation reuses stored images). Extra ``--config.*`` overrides apply to every run. CLIP-T,
-CLIP-I and DINO columns are filled only by runs that compute them; otherwise they show "—".
+checkpoint, evaluation reuses stored images). Extra ``--config.*`` overrides apply to every run. ``--clip`` /
+``--dino`` are the training loss's encoders; ``--eval-clip`` / ``--eval-dino`` the evaluation's (CLIP-T, CLIP-I,
+DINO). Those columns are filled only when evaluation encoders are given; otherwise they show "—".
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ TABLES = {
     ],
 }
 COLUMNS = {
-    "1": ("gender", "race", "gender_x_race"),
-    "5": ("gender", "race", "gender_x_race", "age"),
-    "6": ("gender", "race", "gender_x_race"),
+    "1": ("gender", "race", "gender_x_race", "CLIP-T", "CLIP-I", "DINO"),
+    "5": ("gender", "race", "gender_x_race", "age", "CLIP-T", "CLIP-I", "DINO"),
+    "6": ("gender", "race", "gender_x_race", "CLIP-T"),
 }
 
 
@@ -47,6 +50,11 @@ def _cell(metrics: dict, column: str) -> str:
     if column == "age":  # Table 5 reports the frequency of "old", not a bias
         freq = metrics["freq"].get("age")
         return "—" if freq is None else f"{freq[1]:.3f}"
+    from fairdiff_jax.semantic_metrics import SEMANTIC_COLUMNS  # column -> metrics.json key
+
+    if column in SEMANTIC_COLUMNS:
+        entry = metrics.get(SEMANTIC_COLUMNS[column])
+        return "—" if entry is None else f"{entry['mean']:.2f}±{entry['std_images']:.2f}"
     if column not in metrics["bias"]:
         return "—"
     return f"{metrics['bias'][column]:.2f}±{metrics['bias_std'][column]:.2f}"
@@ -117,6 +125,7 @@ def reproduce(
 
 def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, ROOT)
+    from fairdiff_jax.cli import enable_compilation_cache
     from fairdiff_jax.config import split_overrides
 
     pairs, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
@@ -133,13 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--clip", default="", help="local CLIP folder for the semantic loss")
     parser.add_argument("--dino", default="", help="local DINOv2 folder for the semantic loss")
+    parser.add_argument("--eval-clip", default="", help="local CLIPModel folder for the CLIP-T / CLIP-I columns")
+    parser.add_argument("--eval-dino", default="", help="local DINOv2 folder for the DINO column")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the paper's)")
     parser.add_argument("--rows", nargs="*", default=None, help="only these rows (e.g. gender)")
     args = parser.parse_args(rest)
+    enable_compilation_cache()
     overrides = [
         f"--config.model.path={args.sd}",
         f"--config.loss.clip_path={args.clip}",
         f"--config.loss.dino_path={args.dino}",
+        f"--config.eval.clip_path={args.eval_clip}",
+        f"--config.eval.dino_path={args.eval_dino}",
     ]
     classifiers = dict(item.partition("=")[::2] for item in args.classifier)
     overrides += [f"--config.{k}={v}" for k, v in pairs]

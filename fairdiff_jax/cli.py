@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from fairdiff_jax.errors import FairdiffError
@@ -15,6 +16,18 @@ SUBCOMMANDS = {
     "evaluate": ("fairdiff_jax.evaluate", "main", "generate test images and write metrics.json / table.md"),
     "export": ("fairdiff_jax.adapters.export", "main", "export a trained adaptor in diffusers formats"),
 }
+
+
+def enable_compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache (``$FAIRDIFF_JAX_CACHE`` or ``~/.cache/fairdiff_jax/xla_cache``)
+    unless the caller already chose a folder: a second run skips most of the compile time."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    default = os.path.join(os.path.expanduser("~"), ".cache", "fairdiff_jax", "xla_cache")
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("FAIRDIFF_JAX_CACHE", default))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fairdiff: unknown command '{command}'; choose one of {', '.join(SUBCOMMANDS)}.", file=sys.stderr)
         return 2
     module_name, function_name, _ = SUBCOMMANDS[command]
+    enable_compilation_cache()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:

@@ -154,8 +154,13 @@ def build_components(cfg: ConfigDict) -> Components:
 
 
 def _load_classifier(cfg: ConfigDict, names: Sequence[str]):
-    """The attribute classifiers of ``attributes.<name>.classifier`` (folders written by ``save_classifier``)."""
+    """The attribute classifiers of ``attributes.<name>.classifier`` (folders written by ``save_classifier``).
+
+    Facial attributes (``attributes.<name>.facial``) classify the largest face found by ``faces.detector``; images
+    without a face are invalid. The other attributes, and every attribute when the detector is "none", see the
+    whole image."""
     from fairdiff_jax.attributes import load_attribute_classifiers
+    from fairdiff_jax.attributes.detectors import detector_from_config
 
     paths = {n: cfg.attributes[n].classifier for n in names}
     missing = [n for n, p in paths.items() if not p]
@@ -164,13 +169,25 @@ def _load_classifier(cfg: ConfigDict, names: Sequence[str]):
             f"no classifier for attribute(s) {missing}; set --config.attributes.<name>.classifier=FOLDER (a folder "
             "written by fairdiff_jax.attributes.save_classifier or import_torchvision_classifier)"
         )
-    classifier, params = load_attribute_classifiers(paths)
+    detector = detector_from_config(cfg.faces) if "faces" in cfg else None
+    if detector is None:
+        groups = [(paths, None)]
+    else:
+        facial = {n: p for n, p in paths.items() if cfg.attributes[n].facial}
+        other = {n: p for n, p in paths.items() if not cfg.attributes[n].facial}
+        groups = [(group, d) for group, d in ((facial, detector), (other, None)) if group]
+    parts = [load_attribute_classifiers(group, detector=d) for group, d in groups]
+    classifiers = tuple(classifier for classifier, _ in parts)
 
     def classify(p, images):
-        out = classifier(p, images)
-        return {n: out.logits[n] for n in names}, out.valid
+        logits, valid = {}, jnp.ones((images.shape[0],), bool)
+        for classifier, part_params in zip(classifiers, p):
+            out = classifier(part_params, images)
+            logits.update(out.logits)
+            valid = valid & out.valid
+        return {n: logits[n] for n in names}, valid
 
-    return classify, params
+    return classify, tuple(params for _, params in parts)
 
 
 def _load_features(cfg: ConfigDict):

@@ -28,6 +28,7 @@ GRADIENT_MODES = ("adjusted", "exact", "detached")
 SOLVERS = ("dpmpp_2m",)
 REMAT_POLICIES = ("full", "none", "dots_saveable", "nothing_saveable")
 PARALLEL_MODES = ("shard_map", "pmap")
+FACE_DETECTORS = ("none", "haar", "yunet")
 LR_SCHEDULES = ("constant", "cosine")
 
 # Class names in class order (PAPER.md encodings).
@@ -120,7 +121,8 @@ def base_config() -> ConfigDict:
             "final_lr_fraction": 0.1,
         }
     )
-    c.eval = ConfigDict({"images_per_prompt": 60, "seed": 2022, "batch_size": 32})
+    # clip_path / dino_path: evaluation encoders for CLIP-T / CLIP-I / DINO (separate from loss.*; "" = not computed)
+    c.eval = ConfigDict({"images_per_prompt": 60, "seed": 2022, "batch_size": 32, "clip_path": "", "dino_path": ""})
     c.num_steps = 10_000
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
@@ -128,6 +130,11 @@ def base_config() -> ConfigDict:
     c.sample_every = 200
     c.seed = 0
     c.parallel = ConfigDict({"mode": "shard_map", "distributed": False})
+    # Largest-face detection for facial attributes (fairdiff_jax/attributes/detectors.py): "none" = the whole image
+    # is the face; "haar" = OpenCV's bundled cascade; "yunet" = OpenCV YuNet from the ONNX file model_path.
+    c.faces = ConfigDict(
+        {"detector": "none", "model_path": "", "min_face_size": 32, "score_threshold": 0.6, "min_neighbors": 5}
+    )
     return c
 
 
@@ -338,6 +345,17 @@ def validate_config(cfg: ConfigDict) -> None:
     _choice(cfg, "sampler.remat_policy", REMAT_POLICIES)
     _choice(cfg, "parallel.mode", PARALLEL_MODES)
     _choice(cfg, "train.lr_schedule", LR_SCHEDULES)
+    if "faces" in cfg:  # configs resolved before the faces group existed mean faces.detector="none"
+        _choice(cfg, "faces.detector", FACE_DETECTORS)
+        faces = cfg.faces
+        if faces.detector == "yunet" and not faces.model_path:
+            raise FairdiffError("faces.detector=yunet needs --config.faces.model_path=/path/to/face_yunet.onnx")
+        _check_path("faces.model_path", faces.model_path, "face detector model")
+        if faces.min_face_size < 1 or faces.min_neighbors < 0 or not 0.0 <= faces.score_threshold <= 1.0:
+            raise FairdiffError(
+                f"faces.min_face_size={faces.min_face_size} must be >= 1, faces.min_neighbors={faces.min_neighbors} "
+                f">= 0 and faces.score_threshold={faces.score_threshold} in [0, 1]"
+            )
     if not 0.0 <= cfg.train.final_lr_fraction <= 1.0:
         raise FairdiffError(f"train.final_lr_fraction={cfg.train.final_lr_fraction} must lie in [0, 1]")
     if int(cfg.sampler.unroll) < 1:

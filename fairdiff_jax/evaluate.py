@@ -5,6 +5,8 @@ images per test prompt from reproducible noise with the original model and with 
 weights by default), classifies them, and writes ``OUT/metrics.json`` (DESIGN.md §3), ``OUT/table.md``
 (the layout of the paper's Table 1) and image grids with a colour bar per attribute under every image.
 Generation is resumable: each prompt's images are stored as they are made and are not generated again.
+With evaluation encoders (``eval.clip_path`` / ``--clip``, ``eval.dino_path`` / ``--dino``) it also reports
+CLIP-T, and CLIP-I / DINO against the original model's images from the same noise (see ``semantic_metrics``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from fairdiff_jax import adapters, parallel
 from fairdiff_jax.components import Components, build_components, embed, generate_images, latent_shape, tokenize
 from fairdiff_jax.config import config_from_argv
 from fairdiff_jax.errors import FairdiffError
+from fairdiff_jax.logs import setup_logging
 from fairdiff_jax.metrics import (
     bias_from_freq,
     class_frequencies,
@@ -34,6 +37,7 @@ from fairdiff_jax.metrics import (
     save_image_grid,
     to_uint8,
 )
+from fairdiff_jax.semantic_metrics import SEMANTIC_COLUMNS, embed_results, load_semantic_scorer, semantic_metrics
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +90,11 @@ def generate_prompt_set(
     bar = progress_bar(len(prompts) * num_images, desc=os.path.basename(out_dir), enabled=progress)
     for index, prompt in enumerate(prompts):
         path = os.path.join(out_dir, f"prompt_{index:04d}.npz")
-        if os.path.isfile(path):
-            with np.load(path) as stored:
-                if str(stored["prompt"]) == prompt and stored["images"].shape[0] == num_images:
-                    results.append(_unpack(stored))
-                    bar.update(num_images)
-                    continue
+        stored = read_stored_prompt(path, prompt, num_images)
+        if stored is not None and set(comp.attributes) <= set(stored["labels"]):  # else classified for fewer
+            results.append(stored)
+            bar.update(num_images)
+            continue
         cond_ids = parallel.replicate(jnp.asarray(tokenize(comp, [prompt], soft_tokens=soft_tokens)), mesh)
         noise = prompt_noise(comp, index, num_images, seed)
         chunks = []
@@ -120,9 +123,27 @@ def _store(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def _unpack(stored) -> dict:
-    labels = {k[len("label_") :]: stored[k] for k in stored.files if k.startswith("label_")}
-    return {"prompt": str(stored["prompt"]), "images": stored["images"], "labels": labels, "valid": stored["valid"]}
+def read_stored_prompt(path: str, prompt: str, num_images: int) -> dict | None:
+    """The record stored at ``path`` by :func:`generate_prompt_set` if it holds ``num_images`` of ``prompt``."""
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as stored:
+        if str(stored["prompt"]) != prompt or stored["images"].shape[0] != num_images:
+            return None
+        labels = {k[len("label_") :]: stored[k] for k in stored.files if k.startswith("label_")}
+        return {"prompt": str(stored["prompt"]), "images": stored["images"], "labels": labels, "valid": stored["valid"]}
+
+
+def load_prompt_set(folder: str, prompts: Sequence[str], num_images: int) -> list[dict] | None:
+    """The stored records of every prompt in ``folder`` (as written by :func:`generate_prompt_set`), or None
+    if any prompt is missing or was stored with another prompt text or image count."""
+    results = []
+    for index, prompt in enumerate(prompts):
+        record = read_stored_prompt(os.path.join(folder, f"prompt_{index:04d}.npz"), prompt, num_images)
+        if record is None:
+            return None
+        results.append(record)
+    return results
 
 
 def bias_metrics(results: Sequence[Mapping], num_classes: Mapping[str, int]) -> dict:
@@ -165,7 +186,12 @@ def save_grids(results: Sequence[Mapping], out_dir: str, *, max_images: int = 32
 
 
 def format_table(rows: Mapping[str, Mapping], columns: Sequence[str]) -> str:
-    """A markdown table in the layout of the paper's Table 1: one row per model, ``mean±std`` bias cells."""
+    """A markdown table in the layout of the paper's Table 1: one row per model, ``mean±std`` bias cells.
+
+    ``CLIP-T`` / ``CLIP-I`` / ``DINO`` columns read ``metrics["clip_t"|"clip_i"|"dino"]``; "—" where not computed.
+    Their ± is the std over all images (the paper's spread is too large to be one over per-prompt means); the
+    bias ± is the std over prompts.
+    """
     header = "| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     lines = []
     for model, metrics in rows.items():
@@ -173,13 +199,21 @@ def format_table(rows: Mapping[str, Mapping], columns: Sequence[str]) -> str:
         for column in columns:
             if column in metrics.get("bias", {}):
                 cells.append(f"{metrics['bias'][column]:.2f}±{metrics['bias_std'][column]:.2f}")
+            elif column in SEMANTIC_COLUMNS:
+                entry = metrics.get(SEMANTIC_COLUMNS[column])
+                cells.append("—" if entry is None else f"{entry['mean']:.2f}±{entry['std_images']:.2f}")
             else:
                 value = metrics.get(column)
                 cells.append("—" if value is None else f"{value:.2f}")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     floor = next(iter(rows.values())).get("bias_floor", {})
     note = ", ".join(f"{k} {v:.3f}" for k, v in floor.items())
-    return header + "\n".join(lines) + f"\n\nBias of a perfectly fair generator with these sample sizes: {note}.\n"
+    return (
+        header
+        + "\n".join(lines)
+        + f"\n\nBias ± is the std over prompts; CLIP/DINO ± is the std over images. Bias of a perfectly fair "
+        f"generator with these sample sizes: {note}.\n"
+    )
 
 
 def evaluate(
@@ -191,10 +225,16 @@ def evaluate(
     use_ema: bool = True,
     include_original: bool = True,
     split: str | None = None,
+    original_images: str | None = None,
     components: Components | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate the original model and/or the adaptor trained in ``workdir``; returns the metrics dict."""
+    """Evaluate the original model and/or the adaptor trained in ``workdir``; returns the metrics dict.
+
+    With ``eval.clip_path`` / ``eval.dino_path`` set, every model also gets CLIP-T, and each adapted model CLIP-I /
+    DINO against the original model's images: those generated here, else the per-prompt files in
+    ``original_images`` (default ``OUT/original/SPLIT`` when it holds every prompt).
+    """
     comp = components or build_components(cfg)
     split = split or next(iter(comp.eval_prompts))
     if split not in comp.eval_prompts:
@@ -213,15 +253,28 @@ def evaluate(
         models[f"debiased (step {found_step})"] = (unet_params, te_params, True)
     if not models:
         raise FairdiffError("nothing to evaluate: give --workdir with a trained adaptor, or include the original model")
-    report = {}
+    eval_cfg = comp.cfg.eval
+    scorer = load_semantic_scorer(
+        eval_cfg.get("clip_path", ""), eval_cfg.get("dino_path", ""), batch_size=int(eval_cfg.batch_size)
+    )
+    report, embeddings = {}, {}
     for name, (unet_params, te_params, soft) in models.items():
         folder = os.path.join(out, "original" if name == "original" else "debiased", split)
         results = generate_prompt_set(
             comp, unet_params, te_params, prompts, folder, soft_tokens=soft, progress=progress
         )
         report[name] = bias_metrics(results, comp.num_classes)
+        if scorer is not None:
+            embeddings[name] = embed_results(scorer, results)
         if is_main_process():
             save_grids(results, folder)
+    if scorer is not None:
+        text_embeds = scorer.embed_prompts(prompts)
+        original = embeddings.get("original")
+        if original is None and len(report) > (1 if "original" in report else 0):
+            original = _stored_original_embeddings(scorer, out, split, prompts, comp, original_images)
+        for name, embeds in embeddings.items():
+            report[name].update(semantic_metrics(embeds, text_embeds, None if name == "original" else original))
     main = report[list(report)[-1]]
     metrics = dict(main, models=report, split=split)
     if is_main_process():
@@ -229,8 +282,26 @@ def evaluate(
         with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
         with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
-            f.write(format_table(report, list(main["bias"])))
+            f.write(format_table(report, list(main["bias"]) + list(SEMANTIC_COLUMNS)))
     return metrics
+
+
+def _stored_original_embeddings(scorer, out, split, prompts, comp, original_images):
+    """Embeddings of the original model's stored images for CLIP-I / DINO, or None (with a log line)."""
+    num_images = int(comp.cfg.eval.images_per_prompt)
+    folder = original_images or os.path.join(out, "original", split)
+    results = load_prompt_set(folder, prompts, num_images) if os.path.isdir(folder) else None
+    if results is None:
+        if original_images:
+            raise FairdiffError(
+                f"--original-images {original_images} does not hold {num_images} images for each of the "
+                f"{len(prompts)} '{split}' prompts (prompt_NNNN.npz, as written by an evaluation of the original "
+                "model with the same prompts and eval.images_per_prompt); point to such a folder, e.g. OUT/original/"
+                f"{split} of that evaluation."
+            )
+        log.info("no original images in %s: CLIP-I / DINO not computed (evaluate without --no-original)", folder)
+        return None
+    return embed_results(scorer, results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,13 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ema", action="store_true", help="use the raw adaptor weights instead of the EMA")
     parser.add_argument("--no-original", action="store_true", help="skip the original model")
     parser.add_argument("--split", default=None, help="prompt split to evaluate (default: test)")
+    parser.add_argument(
+        "--clip", default=None, help="evaluation CLIPModel folder for CLIP-T / CLIP-I (sets eval.clip_path)"
+    )
+    parser.add_argument("--dino", default=None, help="evaluation DINOv2 folder for DINO (sets eval.dino_path)")
+    parser.add_argument(
+        "--original-images",
+        default=None,
+        help="folder of the original model's stored images (OUT/original/SPLIT of an earlier evaluation) for "
+        "CLIP-I / DINO with --no-original",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, rest = config_from_argv(list(argv or []))
     args = build_parser().parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging()
+    if args.clip is not None:
+        cfg.eval.clip_path = args.clip
+    if args.dino is not None:
+        cfg.eval.dino_path = args.dino
     metrics = evaluate(
         cfg,
         args.workdir,
@@ -256,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_ema=not args.no_ema,
         include_original=not args.no_original,
         split=args.split,
+        original_images=args.original_images,
     )
-    print(json.dumps({"bias": metrics["bias"], "bias_std": metrics["bias_std"], "n_images": metrics["n_images"]}))
+    summary = {"bias": metrics["bias"], "bias_std": metrics["bias_std"], "n_images": metrics["n_images"]}
+    summary.update({key: metrics[key]["mean"] for key in SEMANTIC_COLUMNS.values() if key in metrics})
+    print(json.dumps(summary))
     return 0

@@ -22,6 +22,7 @@ from fairdiff_jax.checkpointing import Checkpointer, PreemptionFlag
 from fairdiff_jax.components import Components, build_components, latent_shape, tokenize
 from fairdiff_jax.config import config_from_argv, write_resolved_config
 from fairdiff_jax.errors import FairdiffError
+from fairdiff_jax.logs import setup_logging
 from fairdiff_jax.metrics import (
     MetricsWriter,
     NonFiniteGuard,
@@ -204,6 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, rest = config_from_argv(list(argv or []))
     args = build_parser().parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging()
     train(cfg, args.workdir, progress=not args.no_progress)
     return 0

@@ -30,3 +30,38 @@ def tiny_sd(tiny_sd_path):
     from fairdiff_jax.models import load_stable_diffusion
 
     return load_stable_diffusion(tiny_sd_path, cache_dir=None)
+
+
+TINY_TOY_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 8,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D"],
+    "block_out_channels": [32],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 32,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_world(tmp_path_factory):
+    """A tiny (untrained) toy world, used instead of the shipped one through ``FAIRDIFF_TOY_WORLD``."""
+    from fairdiff_jax.toyworld import build
+
+    folder = os.path.join(str(tmp_path_factory.mktemp("cache")), "toy")
+    build.build_toy_world(
+        folder,
+        steps=2,
+        seed=1,
+        progress=False,
+        batch_size=8,
+        classifier_steps=2,
+        classifier_width=8,
+        images_per_prompt=0,
+        unet_config=TINY_TOY_UNET,
+    )
+    return folder

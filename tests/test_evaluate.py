@@ -51,6 +51,16 @@ def test_table_layout():
     table = format_table({"original": metrics, "debiased": metrics}, ["gender"])
     assert table.splitlines()[0] == "| model | gender |"
     assert "| original | 0.50±0.10 |" in table and "fair generator" in table
+    # semantic cells show the std over images, as the paper does (the std over prompts is not shown)
+    semantic = {
+        "clip_t": {"mean": 0.391, "std": 0.002, "std_images": 0.052},
+        "clip_i": {"mean": 0.67, "std": 0.01, "std_images": 0.15},
+    }
+    rows = {"original": metrics, "debiased": {**metrics, **semantic}}
+    table = format_table(rows, ["gender", "CLIP-T", "CLIP-I", "DINO"])
+    assert table.splitlines()[0] == "| model | gender | CLIP-T | CLIP-I | DINO |"
+    assert "| original | 0.50±0.10 | — | — | — |" in table
+    assert "| debiased | 0.50±0.10 | 0.39±0.05 | 0.67±0.15 | — |" in table
 
 
 @pytest.fixture(scope="module")

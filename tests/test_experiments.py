@@ -1,10 +1,12 @@
-"""The table-reproduction script end to end on tiny models: tiny SD folder, a tiny MobileNetV3 classifier."""
+"""The table-reproduction script end to end on tiny models: tiny SD folder, a tiny MobileNetV3 classifier, tiny
+evaluation CLIP and DINOv2 encoders."""
 
 import json
 import os
 import sys
 
 from fairdiff_jax.attributes import MobileNetV3Large, init_variables, save_classifier
+from fairdiff_jax.attributes.tiny_encoders import write_tiny_clip_folder, write_tiny_dinov2_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -26,6 +28,8 @@ def test_table1_gender_row_on_tiny_models(tiny_sd_path, tmp_path, capsys):
     with open(prompts, "w") as f:
         json.dump(["a photo of a doctor", "a photo of a nurse"], f)
     root = str(tmp_path / "table1")
+    clip = write_tiny_clip_folder(str(tmp_path / "eval_clip"))
+    dino = write_tiny_dinov2_folder(str(tmp_path / "eval_dino"))
     code = reproduce.main(
         [
             "--table",
@@ -40,6 +44,10 @@ def test_table1_gender_row_on_tiny_models(tiny_sd_path, tmp_path, capsys):
             "1",
             "--rows",
             "gender",
+            "--eval-clip",
+            clip,
+            "--eval-dino",
+            dino,
             f"--config.data.prompts={prompts}",
             "--config.model.dtype=float32",
             "--config.train.images_per_prompt=8",
@@ -55,7 +63,13 @@ def test_table1_gender_row_on_tiny_models(tiny_sd_path, tmp_path, capsys):
     table = open(os.path.join(root, "table1.md")).read()
     assert "| original (ours) |" in table and "| gender (ours) |" in table
     assert "| gender (paper) | .23±.16 |" in table
+    lines = table.splitlines()
+    assert lines[0] == "| run | gender | race | gender_x_race | CLIP-T | CLIP-I | DINO |"
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]] for line in lines[2:4]}
+    assert "±" in cells["original (ours)"][3] and cells["original (ours)"][4:] == ["—", "—"]  # nothing to compare to
+    assert all("±" in cell for cell in cells["gender (ours)"][3:])  # CLIP-T, CLIP-I, DINO
     with open(os.path.join(root, "gender", "eval", "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["n_images"] == 16 and set(metrics["models"]) == {"original", "debiased (step 1)"}
+    assert {"clip_t", "clip_i", "dino"} <= set(metrics)
     assert "gender (ours)" in capsys.readouterr().out

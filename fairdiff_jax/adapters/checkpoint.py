@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -272,6 +273,13 @@ def _restore_item(manager, steps: list[int], step: int | None, directory: str) -
     return step, restored
 
 
+class _SkipUnrestoredItemWarnings(logging.Filter):
+    """Drop orbax's warning that the run's other items (optimizer state, meta) were left unread: by design here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "could not be restored" not in record.getMessage()
+
+
 def restore_adaptor_item(workdir: str, step: int | None = None) -> tuple[int, dict]:
     """``(step, {"params", "ema"})`` from ``workdir/checkpoints`` (latest step unless given), on one device."""
     import orbax.checkpoint as ocp
@@ -284,10 +292,13 @@ def restore_adaptor_item(workdir: str, step: int | None = None) -> tuple[int, di
         steps = list(manager.all_steps())
     except Exception as err:  # orbax raises many types for unreadable folders
         raise FairdiffError(f"cannot read checkpoints in {directory}: {err}") from err
+    quiet = _SkipUnrestoredItemWarnings()
+    logging.getLogger("absl").addFilter(quiet)
     try:
         step, restored = _restore_item(manager, steps, step, directory)
     finally:
         manager.close()
+        logging.getLogger("absl").removeFilter(quiet)
     if not isinstance(restored, Mapping) or not {"params", "ema"} <= set(restored):
         raise FairdiffError(f"checkpoint step {step} in {directory} has no adaptor params/ema; not a fairdiff run.")
     return step, dict(restored)

@@ -15,6 +15,7 @@ from fairdiff_jax.attributes.classifier_io import (
     read_classifier_config,
     save_classifier,
 )
+from fairdiff_jax.attributes.detectors import OpenCVFaceDetector, detector_from_config, make_face_detector
 from fairdiff_jax.attributes.faces import FaceCrops, FaceDetections, FaceDetector, FacePipeline, WholeImageDetector
 from fairdiff_jax.attributes.image_ops import (
     ARCFACE_TEMPLATE_112,
@@ -43,13 +44,16 @@ __all__ = [
     "ClassifierSpec",
     "CombinedClassifier",
     "MobileNetV3Large",
+    "OpenCVFaceDetector",
     "WholeImageClassifier",
     "convert_torchvision_mobilenet",
+    "detector_from_config",
     "import_torchvision_classifier",
     "init_variables",
     "load_attribute_classifiers",
     "load_classifier",
     "load_torchvision_mobilenet",
+    "make_face_detector",
     "read_classifier_config",
     "save_classifier",
     "to_torchvision_state_dict",

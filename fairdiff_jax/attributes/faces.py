@@ -2,8 +2,9 @@
 
 A detector is any callable ``images [B, H, W, 3] in [-1, 1] -> FaceDetections`` describing the largest face of
 each image. Its output is wrapped in ``stop_gradient``; backends that run outside JAX (a host detector called
-through ``jax.pure_callback``) fit the same interface. ``WholeImageDetector`` is the backend for attributes that
-are not facial and for the toy world: the face is the whole image.
+through ``jax.pure_callback``) fit the same interface: ``detectors.OpenCVFaceDetector`` (Haar cascade or YuNet) is
+the real one. ``WholeImageDetector`` is the backend for attributes that are not facial and for the toy world: the
+face is the whole image.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fairdiff_jax.attributes.image_ops import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, model_input
 from fairdiff_jax.errors import FairdiffError
-from fairdiff_jax.models.convert import IGNORED_PT_KEYS, pt_to_flax_layout
+from fairdiff_jax.models.convert import IGNORED_PT_KEYS, flax_to_pt_layout, pt_to_flax_layout
 from fairdiff_jax.models.safetensors_io import read_safetensors
 
 _PT_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -81,7 +81,8 @@ class DINOv2Features(nn.Module):
         return self.model(pixels, deterministic=True, return_dict=False)[1]
 
 
-def _read_folder(folder: str, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
+def read_hf_folder(folder: str, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(config.json as a dict, PyTorch state dict of model.safetensors)`` of a Hugging Face model folder."""
     config_path = os.path.join(folder, "config.json")
     weights_path = os.path.join(folder, "model.safetensors")
     for path in (config_path, weights_path):
@@ -133,11 +134,28 @@ def convert_hf_vision_weights(
     return unflatten_dict(out)
 
 
+def to_hf_state_dict(params: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """Inverse of :func:`convert_hf_vision_weights`: PyTorch transformers keys and layouts of a Flax tree."""
+    state = {}
+    for flax_path, value in flatten_dict(jax.tree_util.tree_map(np.asarray, params)).items():
+        *module, leaf = (str(p) for p in flax_path)
+        key = prefix + ".".join([*module, _PT_LEAF.get(leaf, leaf)])
+        state[key] = np.ascontiguousarray(flax_to_pt_layout(flax_path, np.asarray(value, np.float32)))
+    return state
+
+
 def load_clip_image_encoder(folder: str, image_size: int | None = None) -> ImageEncoder:
     """CLIP image embeddings from a ``CLIPModel`` or ``CLIPVisionModelWithProjection`` folder -> ImageEncoder."""
+    config, state = read_hf_folder(folder, "CLIP")
+    return clip_image_encoder_from_state(config, state, folder, image_size)
+
+
+def clip_image_encoder_from_state(
+    config: dict, state: dict[str, np.ndarray], folder: str, image_size: int | None = None
+) -> ImageEncoder:
+    """The CLIP image encoder of an already-read folder (``read_hf_folder``), so both towers share one read."""
     from transformers import CLIPConfig, CLIPVisionConfig
 
-    config, state = _read_folder(folder, "CLIP")
     model_type = config.get("model_type")
     if model_type == "clip":
         full = CLIPConfig.from_dict(config)
@@ -215,7 +233,7 @@ def load_dinov2_encoder(folder: str, image_size: int = 224) -> ImageEncoder:
     """
     from transformers import Dinov2Config
 
-    config, state = _read_folder(folder, "DINOv2")
+    config, state = read_hf_folder(folder, "DINOv2")
     if config.get("model_type") != "dinov2":
         raise FairdiffError(f"DINOv2 folder {folder} has model_type '{config.get('model_type')}'; expected 'dinov2'.")
     prefix = "dinov2." if any(k.startswith("dinov2.") for k in state) else ""

@@ -75,19 +75,23 @@ def markdown_report(metrics: Mapping, attributes: Sequence[str]) -> str:
         f"Adaptor: `{metrics['adaptor']}`, {metrics['train_steps']} training steps; evaluation with {m} images per "
         "prompt from fixed noise (the same noise before and after).",
         "",
-        "| attribute | target | split | bias before | bias after | fair floor |",
-        "|---|---|---|---|---|---|",
+        "| attribute | target | split | bias before | bias after | fair floor | freq before | freq after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name in attributes:
-        target = "/".join(f"{t:.2f}" for t in metrics["targets"][name])
+    for name in before["bias"]:  # the attributes, then their intersections (``gender_x_race``)
+        target = "/".join(f"{t:.2f}" for t in metrics["targets"][name]) if name in metrics["targets"] else "—"
         for split, b, a in (("debiased", before, after), ("held out", before["held_out"], after["held_out"])):
+            freqs = ["/".join(f"{f:.2f}" for f in section["freq"][name]) for section in (b, a)]
             lines.append(
                 f"| {name} | {target} | {split} | {b['bias'][name]:.3f}±{b['bias_std'][name]:.3f} | "
-                f"{a['bias'][name]:.3f}±{a['bias_std'][name]:.3f} | {after['bias_floor'][name]:.3f} |"
+                f"{a['bias'][name]:.3f}±{a['bias_std'][name]:.3f} | {after['bias_floor'][name]:.3f} | "
+                f"{freqs[0]} | {freqs[1]} |"
             )
     lines += [
         "",
-        "The fair floor is the expected bias of a perfectly fair generator with this many images per prompt.",
+        "The fair floor is the expected bias of a perfectly fair generator with this many images per prompt; "
+        "freq is the mean class frequency over the split's prompts (compare it with the target when the target "
+        "is not uniform: then the bias of a perfect model is not 0).",
         "",
         f"Occupation-cue accuracy (semantics preserved): {before['cue_accuracy']:.3f} before, "
         f"{after['cue_accuracy']:.3f} after (held out: {before['held_out']['cue_accuracy']:.3f} → "
@@ -105,7 +109,7 @@ def markdown_report(metrics: Mapping, attributes: Sequence[str]) -> str:
         "",
         "![frequencies](frequencies.png)",
         "",
-        "Before / after, debiased occupations (one row per occupation, bar = predicted gender):",
+        f"Before / after, debiased occupations (one row per occupation, bars = predicted {', '.join(attributes)}):",
         "",
         "![before](grid_debiased_before.png) ![after](grid_debiased_after.png)",
         "",

@@ -8,6 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from fairdiff_jax.models.tiny import TINY_UNET  # noqa: E402
+
 _CACHE = os.environ.get(
     "FAIRDIFF_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fairdiff_jax", "xla_cache")
 )
@@ -32,19 +34,8 @@ def tiny_sd(tiny_sd_path):
     return load_stable_diffusion(tiny_sd_path, cache_dir=None)
 
 
-TINY_TOY_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "sample_size": 8,
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D"],
-    "block_out_channels": [32],
-    "layers_per_block": 1,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 32,
-    "norm_num_groups": 32,
-}
+# the tiny SD U-Net in pixel space (RGB in, RGB out), as the toy world's model
+TINY_TOY_UNET = {**TINY_UNET, "in_channels": 3, "out_channels": 3}
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,13 @@ def test_adaptor_switch_and_toy_config():
         load_config(config_path("gender.py:lora"), validate=False)
     toy = load_config(config_path("toy.py"))  # the toy placeholders pass validation without any folder
     assert toy.model.path == TOY_MODEL_PATH and toy.train.images_per_prompt % 8 == 0 and toy.adaptor.rank == 4
+    assert toy.adaptor.kind == "unet_lora" and list(toy.attributes) == ["gender"]
+    both = load_config(config_path("toy.py:text_lora,race+gender"))
+    assert both.adaptor.kind == "text_lora" and sorted(both.attributes) == ["gender", "race"]
+    assert both.attributes.race.target == (0.25,) * 4 and not both.attributes.race.facial
+    for bad in ("text_lora,hair", "text_lora,gender+gender"):
+        with pytest.raises(FairdiffError, match="each must be one of gender, race, age, at most once"):
+            load_config(config_path(f"toy.py:{bad}"))
 
 
 def test_overrides_are_parsed_by_type_and_config_is_locked(model_dir):

@@ -6,11 +6,20 @@ import os
 import pytest
 
 from fairdiff_jax import cli
+from fairdiff_jax.toyworld.demo import target_distance
+
+
+def test_target_distance_by_hand():
+    counts = {"a": {"gender": [3, 7]}, "b": {"gender": [5, 5]}, "c": {"gender": [0, 0]}}
+    # a follows 30/70 exactly; b is ½(|.5-.3| + |.5-.7|) = 0.2 away; c has no valid image (all-zero freq: 0.5)
+    assert target_distance(counts, {"gender": [0.3, 0.7]})["gender"] == pytest.approx((0.0 + 0.2 + 0.5) / 3)
+    assert target_distance({"a": {"race": [1, 1, 1, 1]}}, {"race": [0.25] * 4}) == {"race": 0.0}
 
 
 @pytest.mark.parametrize("adaptor", ["text_lora"])
 def test_demo_writes_the_report(tiny_toy_world, tmp_path, monkeypatch, capsys, adaptor):
     monkeypatch.setenv("FAIRDIFF_TOY_WORLD", tiny_toy_world)
+    monkeypatch.setenv("FAIRDIFF_CACHE", str(tmp_path / "cache"))
     workdir = str(tmp_path / "demo")
     code = cli.main(
         [
@@ -46,6 +55,8 @@ def test_demo_writes_the_report(tiny_toy_world, tmp_path, monkeypatch, capsys, a
         assert "held_out" in metrics[section]
     assert metrics["targets"] == {"gender": [0.3, 0.7], "race": [0.25] * 4}
     assert set(metrics["after"]["bias"]) == {"gender", "race", "gender_x_race"}
+    assert set(metrics["after"]["target_distance"]) == {"gender", "race"}
+    assert 0.0 <= metrics["after"]["held_out"]["target_distance"]["gender"] <= 1.0
     assert metrics["before"]["n_images"] == 8 * 8  # 8 debiased occupations, 8 images each
     for name in ("report.md", "training_curves.png", "frequencies.png", "grid_debiased_before.png"):
         assert os.path.getsize(os.path.join(report, name)) > 0
@@ -55,3 +66,7 @@ def test_demo_writes_the_report(tiny_toy_world, tmp_path, monkeypatch, capsys, a
     out = capsys.readouterr().out
     assert "gender: bias" in out and "race: bias" in out
     assert os.path.getsize(os.path.join(workdir, "train", "samples", "step_0000002.png")) > 0  # sample grid
+    # the base model's evaluation is kept in the cache (one folder per world and settings) for the next run
+    (key,) = os.listdir(tmp_path / "cache" / "toy_base_eval")
+    stored = sorted(os.listdir(tmp_path / "cache" / "toy_base_eval" / key / "debiased"))
+    assert stored == [f"prompt_{i:04d}.npz" for i in range(8)]

@@ -24,8 +24,8 @@ def parse_arg(arg: str | None) -> tuple[str, tuple[str, ...]]:
     unknown = [a for a in names if a not in TOY_ATTRIBUTES]
     if unknown or len(set(names)) != len(names):
         raise FairdiffError(
-            f"toy config attributes {'+'.join(names)}: each must be one of {', '.join(TOY_ATTRIBUTES)}, once "
-            "(e.g. text_lora,gender+race)"
+            f"toy attributes '{'+'.join(names)}': each must be one of {', '.join(TOY_ATTRIBUTES)}, at most once, "
+            "joined by '+' (e.g. --attributes gender+race, or configs/toy.py:unet_lora,gender+race)"
         )
     return adaptor_from_arg(kind or DEFAULT_ADAPTOR, "toy.py"), names
 

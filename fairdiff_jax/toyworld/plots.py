@@ -75,23 +75,30 @@ def markdown_report(metrics: Mapping, attributes: Sequence[str]) -> str:
         f"Adaptor: `{metrics['adaptor']}`, {metrics['train_steps']} training steps; evaluation with {m} images per "
         "prompt from fixed noise (the same noise before and after).",
         "",
-        "| attribute | target | split | bias before | bias after | fair floor | freq before | freq after |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attribute | target | split | bias before | bias after | fair floor | freq before | freq after "
+        "| distance to target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in before["bias"]:  # the attributes, then their intersections (``gender_x_race``)
         target = "/".join(f"{t:.2f}" for t in metrics["targets"][name]) if name in metrics["targets"] else "—"
         for split, b, a in (("debiased", before, after), ("held out", before["held_out"], after["held_out"])):
             freqs = ["/".join(f"{f:.2f}" for f in section["freq"][name]) for section in (b, a)]
+            distance = (
+                f"{b['target_distance'][name]:.3f} → {a['target_distance'][name]:.3f}"
+                if name in a.get("target_distance", {})
+                else "—"
+            )
             lines.append(
                 f"| {name} | {target} | {split} | {b['bias'][name]:.3f}±{b['bias_std'][name]:.3f} | "
                 f"{a['bias'][name]:.3f}±{a['bias_std'][name]:.3f} | {after['bias_floor'][name]:.3f} | "
-                f"{freqs[0]} | {freqs[1]} |"
+                f"{freqs[0]} | {freqs[1]} | {distance} |"
             )
     lines += [
         "",
         "The fair floor is the expected bias of a perfectly fair generator with this many images per prompt; "
-        "freq is the mean class frequency over the split's prompts (compare it with the target when the target "
-        "is not uniform: then the bias of a perfect model is not 0).",
+        "freq is the mean class frequency over the split's prompts; distance to target is the mean over prompts of "
+        "½ Σ |freq − target| (0 when every prompt follows the target; for a non-uniform target read it, not the "
+        "bias, which is not 0 for a perfect model).",
         "",
         f"Occupation-cue accuracy (semantics preserved): {before['cue_accuracy']:.3f} before, "
         f"{after['cue_accuracy']:.3f} after (held out: {before['held_out']['cue_accuracy']:.3f} → "

@@ -217,7 +217,17 @@ def tokenize(comp: Components, prompts: Sequence[str], *, soft_tokens: bool) -> 
 
 
 def embed(comp: Components, text_encoder_params, ids: jax.Array) -> jax.Array:
-    """Text-encoder hidden states ``[P, L, D]`` for token ids ``[P, L]``."""
+    """Text-encoder hidden states ``[P, L, D]`` for token ids ``[P, L]``.
+
+    With soft tokens the module's table is grown; the frozen base parameters (the original model: x_ori, the
+    "before" evaluation) get zero rows appended, which plain ids never index, so they give the base encoder's output.
+    """
+    if comp.spec.num_soft_tokens:
+        table = adapters.soft_tokens.token_embedding(text_encoder_params)
+        missing = int(comp.text_encoder.config.vocab_size) - table.shape[0]
+        if missing > 0:
+            zeros = jnp.zeros((missing, table.shape[1]), table.dtype)
+            text_encoder_params = adapters.soft_tokens.apply_soft_tokens(text_encoder_params, zeros)
     return comp.text_encoder(ids, params=text_encoder_params).last_hidden_state
 
 

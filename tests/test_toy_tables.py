@@ -25,17 +25,18 @@ TINY = [
 def test_toy_tables_end_to_end(tiny_toy_world, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FAIRDIFF_TOY_WORLD", tiny_toy_world)
     root = str(tmp_path / "tables")
-    args = ["--root", root, "--kinds", "text_lora", "--targets", "gender+race", "--modes", "exact", "detached"]
+    # the Table-1 row trains soft tokens (the frozen base encoder then runs in the grown module), the ablation LoRA
+    args = ["--root", root, "--kinds", "soft_tokens", "--targets", "gender+race", "--modes", "exact", "detached"]
     assert toy_tables.main(args + ["--no-progress"] + TINY) == 0
     markdown = capsys.readouterr().out
     with open(os.path.join(root, "toy_tables.md")) as f:
         assert f.read() == markdown
     # two Table-1 splits, each with the original row and the gender×race text-LoRA row
     assert markdown.count("| — (original) | — |") == 2
-    assert markdown.count("| gender×race | `text_lora` |") == 2
+    assert markdown.count("| gender×race | `soft_tokens` |") == 2
     assert "| exact |" in markdown and "| detached |" in markdown
     assert os.path.getsize(os.path.join(root, "ablation_curves.png")) > 0
-    for name in ("original", "gender+race_text_lora_adjusted", "gender_text_lora_exact", "gender_text_lora_detached"):
+    for name in ("original", "gender+race_soft_tokens_adjusted", "gender_text_lora_exact", "gender_text_lora_detached"):
         with open(os.path.join(root, name, "row.json")) as f:
             row = json.load(f)
         for split in ("debiased", "held_out"):
@@ -56,3 +57,24 @@ def test_toy_tables_end_to_end(tiny_toy_world, tmp_path, monkeypatch, capsys):
     assert toy_tables.main(args + ["--no-progress"] + TINY) == 0
     assert capsys.readouterr().out == markdown
     assert stamps == {name: os.path.getmtime(os.path.join(root, name, "row.json")) for name in stamps}
+
+
+def test_frozen_encoder_in_the_grown_soft_token_module_gives_the_base_output(tiny_toy_world, monkeypatch):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fairdiff_jax.components import build_components, embed, tokenize
+    from fairdiff_jax.toyworld.demo import demo_config
+
+    monkeypatch.setenv("FAIRDIFF_TOY_WORLD", tiny_toy_world)
+    soft = build_components(demo_config("soft_tokens"))
+    plain = build_components(demo_config("text_lora"))
+    prompts = ["a photo of a doctor", ""]
+    ids = jnp.asarray(tokenize(plain, prompts, soft_tokens=False))
+    assert soft.text_encoder.config.vocab_size == plain.text_encoder.config.vocab_size + 2  # grown by 2 tokens
+    np.testing.assert_allclose(
+        np.asarray(embed(soft, soft.text_encoder_params, ids)),
+        np.asarray(embed(plain, plain.text_encoder_params, ids)),
+        rtol=0,
+        atol=0,
+    )

@@ -172,6 +172,10 @@ def plot_ablation(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _finished(root: str, kind: str, target: str, mode: str) -> bool:
+    return os.path.exists(os.path.join(root, f"{target}_{kind}_{mode}", "row.json"))
+
+
 def toy_tables(
     root: str,
     overrides: Sequence[str] = (),
@@ -180,10 +184,16 @@ def toy_tables(
     targets: Sequence[str] = TARGETS,
     modes: Sequence[str] = MODES,
     progress: bool = True,
+    finished_only: bool = False,
 ) -> str:
-    """Run (or reuse) every run, write ``ROOT/toy_tables.md`` and the ablation plot; returns the markdown."""
+    """Run (or reuse) every run, write ``ROOT/toy_tables.md`` and the ablation plot; returns the markdown.
+    ``finished_only`` tabulates the runs already finished in ``root`` and trains nothing new."""
     original = original_row(root, overrides, progress)
-    rows = [run_row(root, kind, target, "adjusted", overrides, progress)[0] for target in targets for kind in kinds]
+    combos = [(kind, target) for target in targets for kind in kinds]
+    if finished_only:
+        combos = [(kind, target) for kind, target in combos if _finished(root, kind, target, "adjusted")]
+        modes = [mode for mode in modes if _finished(root, "text_lora", "gender", mode)]
+    rows = [run_row(root, kind, target, "adjusted", overrides, progress)[0] for kind, target in combos]
     text = ["# Toy world: Table 1 and the gradient ablation", ""]
     for split, title in (("held_out", "held-out occupations (never trained on)"), ("debiased", "trained occupations")):
         text += [f"## Table 1 (toy), {title}", "", table_markdown(original, rows, split)]
@@ -216,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS, help="adaptor kinds (Table 1)")
     parser.add_argument("--targets", nargs="*", default=list(TARGETS), choices=TARGETS, help="what to debias")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="ablation gradients")
+    parser.add_argument("--finished-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(rest)
     enable_compilation_cache()
@@ -228,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets=args.targets,
         modes=args.modes,
         progress=not args.no_progress,
+        finished_only=args.finished_only,
     )
     print(markdown, end="")
     return 0

@@ -58,6 +58,14 @@ def test_toy_tables_end_to_end(tiny_toy_world, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == markdown
     assert stamps == {name: os.path.getmtime(os.path.join(root, name, "row.json")) for name in stamps}
 
+    # --finished-only tabulates what exists and trains nothing: the unet_lora row and the adjusted mode are absent
+    more = ["--kinds", "soft_tokens", "unet_lora", "--modes", "exact", "adjusted", "--finished-only", "--no-progress"]
+    assert toy_tables.main(args[:2] + ["--targets", "gender+race"] + more + TINY) == 0
+    partial = capsys.readouterr().out
+    assert "`unet_lora`" not in partial and partial.count("| gender×race | `soft_tokens` |") == 2
+    assert "| exact |" in partial and "| adjusted |" not in partial and "| detached |" not in partial
+    assert not os.path.exists(os.path.join(root, "gender+race_unet_lora_adjusted"))
+
 
 def test_frozen_encoder_in_the_grown_soft_token_module_gives_the_base_output(tiny_toy_world, monkeypatch):
     import jax.numpy as jnp

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import toy_tables  # noqa: E402
@@ -65,6 +67,15 @@ def test_toy_tables_end_to_end(tiny_toy_world, tmp_path, monkeypatch, capsys):
     assert "`unet_lora`" not in partial and partial.count("| gender×race | `soft_tokens` |") == 2
     assert "| exact |" in partial and "| adjusted |" not in partial and "| detached |" not in partial
     assert not os.path.exists(os.path.join(root, "gender+race_unet_lora_adjusted"))
+
+    # a run that stopped before num_steps (SIGTERM) is not evaluated as if it were finished
+    from fairdiff_jax.components import build_components
+    from fairdiff_jax.errors import FairdiffError
+    from fairdiff_jax.toyworld.demo import adapted_model, demo_config
+
+    longer = build_components(demo_config("text_lora", ["gender"], TINY + ["--config.num_steps=3"]))
+    with pytest.raises(FairdiffError, match="stopped at step 2 of 3; run the same command again"):
+        adapted_model(longer, os.path.join(root, "gender_text_lora_exact", "train"))
 
 
 def test_frozen_encoder_in_the_grown_soft_token_module_gives_the_base_output(tiny_toy_world, monkeypatch):

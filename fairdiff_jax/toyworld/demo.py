@@ -21,6 +21,7 @@ import numpy as np
 from fairdiff_jax import adapters
 from fairdiff_jax.components import Components, build_components
 from fairdiff_jax.config import load_config, split_overrides
+from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.evaluate import bias_metrics, generate_prompt_set
 from fairdiff_jax.logs import setup_logging
 from fairdiff_jax.metrics import read_metrics, save_image_grid
@@ -118,8 +119,16 @@ def base_eval_dir(cfg, world_folder: str) -> str:
 
 
 def adapted_model(comp: Components, train_dir: str):
-    """(U-Net params, text-encoder params) of the base model with the EMA adaptor saved in ``train_dir``."""
-    _, item = adapters.restore_adaptor_item(train_dir)
+    """(U-Net params, text-encoder params) of the base model with the EMA adaptor saved in ``train_dir``.
+
+    Refuses an unfinished run (stopped by SIGTERM before ``num_steps``): evaluating it would report a partly
+    trained adaptor as the result, and its images would be reused after the run is resumed."""
+    step, item = adapters.restore_adaptor_item(train_dir)
+    total = int(comp.cfg.num_steps)
+    if step < total:
+        raise FairdiffError(
+            f"training in {train_dir} stopped at step {step} of {total}; run the same command again to resume it"
+        )
     return adapters.apply_adaptor(comp.spec, item["ema"], comp.unet_params, comp.text_encoder_params)
 
 

@@ -4,16 +4,13 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from fairdiff_jax import adapters
-from fairdiff_jax.checkpointing import Checkpointer
 from fairdiff_jax.evaluate import bias_metrics, evaluate, format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_world import tiny_components, tiny_config  # noqa: E402
+from train_world import tiny_components, tiny_config, write_finished_run  # noqa: E402
 
 
 def _record(gender, race, valid=None):
@@ -75,11 +72,7 @@ def test_end_to_end_two_prompts(eval_world, tmp_path):
     comp = eval_world
     comp.eval_prompts = {"test": ["a photo of a doctor", "a photo of a nurse"]}
     workdir = str(tmp_path / "run")
-    adapters.write_adaptor_metadata(workdir, comp.spec)
-    params = adapters.init_adaptor(jax.random.PRNGKey(0), comp.spec, comp.unet_params, comp.text_encoder_params)
-    params = jax.tree.map(lambda x: x + 0.3, params)  # an adaptor that changes the images
-    with Checkpointer(workdir, save_every=1) as ckpt:
-        ckpt.save(1, {"params": params, "ema": params}, {"count": np.zeros(())}, {"prompts": {}})
+    write_finished_run(workdir, comp)  # an adaptor that changes the images
     out = str(tmp_path / "eval")
     metrics = evaluate(comp.cfg, workdir, out, components=comp, progress=False)
     with open(os.path.join(out, "metrics.json")) as f:

@@ -6,20 +6,17 @@ import os
 import shutil
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from fairdiff_jax import adapters
 from fairdiff_jax.attributes.clip_text import load_clip_text_encoder
 from fairdiff_jax.attributes.tiny_encoders import write_tiny_clip_folder, write_tiny_dinov2_folder
-from fairdiff_jax.checkpointing import Checkpointer
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.evaluate import evaluate
 from fairdiff_jax.semantic_metrics import embed_results, load_semantic_scorer, semantic_metrics
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_world import tiny_components, tiny_config  # noqa: E402
+from train_world import tiny_components, tiny_config, write_finished_run  # noqa: E402
 
 PROMPTS = ["a photo of a doctor", "a photo of the face of a nurse, a person", "a " * 30]
 
@@ -137,11 +134,7 @@ def test_evaluate_writes_clip_and_dino_metrics(tiny_sd_path, folders, tmp_path):
     comp = tiny_components(tiny_sd_path, cfg)
     comp.eval_prompts = {"test": PROMPTS[:2]}
     workdir = str(tmp_path / "run")
-    adapters.write_adaptor_metadata(workdir, comp.spec)
-    params = adapters.init_adaptor(jax.random.PRNGKey(0), comp.spec, comp.unet_params, comp.text_encoder_params)
-    params = jax.tree.map(lambda x: x + 0.3, params)  # an adaptor that changes the images
-    with Checkpointer(workdir, save_every=1) as ckpt:
-        ckpt.save(1, {"params": params, "ema": params}, {"count": np.zeros(())}, {"prompts": {}})
+    write_finished_run(workdir, comp)  # an adaptor that changes the images
     out = str(tmp_path / "eval")
     evaluate(comp.cfg, workdir, out, components=comp, progress=False)
 

@@ -24,10 +24,15 @@ PROMPTS = ["a photo of a doctor", "a photo of a nurse", "a photo of a pilot", "a
 
 
 def tiny_config(sd_folder: str, *overrides: str):
+    """The toy config on the tiny SD folder: text-encoder LoRA, rolled remat chain, constant lr (the paper's
+    defaults, not the toy demo's U-Net LoRA / unrolled chain / cosine decay)."""
     return load_config(
-        CONFIG,
+        CONFIG + ":text_lora",
         [
             f"--config.model.path={sd_folder}",
+            "--config.sampler.unroll=1",
+            "--config.sampler.remat_policy=full",
+            "--config.train.lr_schedule=constant",
             "--config.sampler.train_steps=(2, 3)",
             "--config.train.images_per_prompt=8",
             "--config.train.prompts_per_step=2",
@@ -37,6 +42,19 @@ def tiny_config(sd_folder: str, *overrides: str):
         ],
         validate=False,
     )
+
+
+def write_finished_run(workdir: str, comp: Components, shift: float = 0.3) -> None:
+    """A run folder holding one checkpoint (step 1) whose adaptor is the initial one + ``shift`` (so it changes
+    the images), as ``fairdiff train`` would leave it; for evaluation tests."""
+    from fairdiff_jax import adapters
+    from fairdiff_jax.checkpointing import Checkpointer
+
+    adapters.write_adaptor_metadata(workdir, comp.spec)
+    params = adapters.init_adaptor(jax.random.PRNGKey(0), comp.spec, comp.unet_params, comp.text_encoder_params)
+    params = jax.tree.map(lambda x: x + shift, params)
+    with Checkpointer(workdir, save_every=1) as ckpt:
+        ckpt.save(1, {"params": params, "ema": params}, {"count": np.zeros(())}, {"prompts": {}})
 
 
 def tiny_components(sd_folder: str, cfg) -> Components:

@@ -89,7 +89,7 @@ def generate_prompt_set(
     results = []
     bar = progress_bar(len(prompts) * num_images, desc=os.path.basename(out_dir), enabled=progress)
     for index, prompt in enumerate(prompts):
-        path = os.path.join(out_dir, f"prompt_{index:04d}.npz")
+        path = prompt_file(out_dir, index)
         stored = read_stored_prompt(path, prompt, num_images)
         if stored is not None and set(comp.attributes) <= set(stored["labels"]):  # else classified for fewer
             results.append(stored)
@@ -123,6 +123,11 @@ def _store(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def prompt_file(folder: str, index: int) -> str:
+    """The file of the ``index``-th prompt's images and labels in an evaluation folder."""
+    return os.path.join(folder, f"prompt_{index:04d}.npz")
+
+
 def read_stored_prompt(path: str, prompt: str, num_images: int) -> dict | None:
     """The record stored at ``path`` by :func:`generate_prompt_set` if it holds ``num_images`` of ``prompt``."""
     if not os.path.isfile(path):
@@ -139,7 +144,7 @@ def load_prompt_set(folder: str, prompts: Sequence[str], num_images: int) -> lis
     if any prompt is missing or was stored with another prompt text or image count."""
     results = []
     for index, prompt in enumerate(prompts):
-        record = read_stored_prompt(os.path.join(folder, f"prompt_{index:04d}.npz"), prompt, num_images)
+        record = read_stored_prompt(prompt_file(folder, index), prompt, num_images)
         if record is None:
             return None
         results.append(record)

@@ -141,10 +141,14 @@ def _cache_path(cache_dir: str, component: str, files: Sequence[str]) -> str:
     return os.path.join(cache_dir, f"{component}-{digest.hexdigest()[:24]}.msgpack")
 
 
+def cache_root() -> str:
+    """``$FAIRDIFF_CACHE`` or ``~/.cache/fairdiff_jax``: the root of every cache this project keeps."""
+    return os.environ.get("FAIRDIFF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fairdiff_jax"))
+
+
 def default_cache_dir() -> str:
     """``$FAIRDIFF_CACHE/converted`` or ``~/.cache/fairdiff_jax/converted``."""
-    root = os.environ.get("FAIRDIFF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fairdiff_jax"))
-    return os.path.join(root, "converted")
+    return os.path.join(cache_root(), "converted")
 
 
 def _load_params(files, expected, component, cache_dir, dtype):

@@ -265,8 +265,7 @@ def load_toy_world(folder: str | None = None, *, dtype=jnp.float32) -> ToyWorld:
 
 def default_cache_dir() -> str:
     """``$FAIRDIFF_CACHE/toy`` or ``~/.cache/fairdiff_jax/toy``."""
-    root = os.environ.get("FAIRDIFF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fairdiff_jax"))
-    return os.path.join(root, "toy")
+    return os.path.join(loader.cache_root(), "toy")
 
 
 def ensure_toy_world(cache_dir: str | None = None, *, progress: bool = True) -> str:

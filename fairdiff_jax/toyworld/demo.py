@@ -25,6 +25,7 @@ from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.evaluate import bias_metrics, generate_prompt_set
 from fairdiff_jax.logs import setup_logging
 from fairdiff_jax.metrics import read_metrics, save_image_grid
+from fairdiff_jax.models.loader import cache_root
 from fairdiff_jax.toyworld import plots
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,7 @@ def base_eval_dir(cfg, world_folder: str) -> str:
         "attributes": sorted(cfg.attributes.keys()),  # the labels stored beside the images
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    root = os.environ.get("FAIRDIFF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fairdiff_jax"))
-    return os.path.join(root, "toy_base_eval", digest.hexdigest()[:16])
+    return os.path.join(cache_root(), "toy_base_eval", digest.hexdigest()[:16])
 
 
 def adapted_model(comp: Components, train_dir: str):

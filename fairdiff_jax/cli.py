@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "demo": ("fairdiff_jax.toyworld.demo", "main", "build or reuse the toy world, debias it, write a report"),
     "train": ("fairdiff_jax.train", "main", "train an adaptor from a config (resumes from the workdir)"),
     "evaluate": ("fairdiff_jax.evaluate", "main", "generate test images and write metrics.json / table.md"),
-    "export": ("fairdiff_jax.adapters.export", "main", "export a trained adaptor in diffusers formats"),
+    "export": ("fairdiff_jax.adaptors.export", "main", "export a trained adaptor in diffusers formats"),
 }
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from fairdiff_jax import adapters, sampling
+from fairdiff_jax import adaptors, sampling
 from fairdiff_jax.config import TOY_MODEL_PATH, TOY_PROMPTS, attribute_names
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.models import load_stable_diffusion
@@ -43,7 +43,7 @@ class Components:
     vae_params: Any
     vae_scaling_factor: float
     schedule: sampling.NoiseSchedule
-    spec: adapters.AdaptorSpec
+    spec: adaptors.AdaptorSpec
     attributes: list[str]
     num_classes: dict[str, int]
     targets: dict[str, np.ndarray]
@@ -59,15 +59,15 @@ class Components:
         return int(self.text_encoder.config.max_position_embeddings)
 
 
-def _adaptor_spec(cfg: ConfigDict, model_path: str, unet_params, text_encoder_params) -> adapters.AdaptorSpec:
+def _adaptor_spec(cfg: ConfigDict, model_path: str, unet_params, text_encoder_params) -> adaptors.AdaptorSpec:
     kind = cfg.adaptor.kind
     targets = {}
     if kind in ("text_lora", "both"):
-        targets["text_encoder"] = list(adapters.TEXT_ENCODER_TARGETS)
+        targets["text_encoder"] = list(adaptors.TEXT_ENCODER_TARGETS)
     if kind in ("unet_lora", "both"):
-        targets["unet"] = list(adapters.UNET_TARGETS)
+        targets["unet"] = list(adaptors.UNET_TARGETS)
     rank = int(cfg.adaptor.rank) if targets else 0
-    return adapters.make_adaptor_spec(
+    return adaptors.make_adaptor_spec(
         base_model=model_path,
         unet_params=unet_params,
         text_encoder_params=text_encoder_params,
@@ -125,9 +125,9 @@ def build_components(cfg: ConfigDict) -> Components:
     spec = _adaptor_spec(cfg, folder, sd.unet_params, sd.text_encoder_params)
     tokenizer, text_encoder = sd.tokenizer, sd.text_encoder
     if spec.num_soft_tokens:
-        vocab_rows = adapters.soft_tokens.token_embedding(sd.text_encoder_params).shape[0]
-        tokenizer, _ = adapters.add_soft_tokens(tokenizer, spec.num_soft_tokens, spec.soft_token, vocab_size=vocab_rows)
-        text_encoder = adapters.grow_text_encoder(sd.text_encoder, spec.num_soft_tokens)
+        vocab_rows = adaptors.soft_tokens.token_embedding(sd.text_encoder_params).shape[0]
+        tokenizer, _ = adaptors.add_soft_tokens(tokenizer, spec.num_soft_tokens, spec.soft_token, vocab_size=vocab_rows)
+        text_encoder = adaptors.grow_text_encoder(sd.text_encoder, spec.num_soft_tokens)
     return Components(
         cfg=cfg,
         model_path=folder,
@@ -209,11 +209,11 @@ def tokenize(comp: Components, prompts: Sequence[str], *, soft_tokens: bool) -> 
     """Token ids ``[P, L]``; with ``soft_tokens`` the adaptor's tokens are prepended to each prompt."""
     if soft_tokens and comp.spec.num_soft_tokens:
         return np.asarray(
-            adapters.conditional_prompt_ids(
+            adaptors.conditional_prompt_ids(
                 comp.tokenizer, list(prompts), comp.spec.soft_token, comp.spec.num_soft_tokens
             )
         )
-    return np.asarray(adapters.prompt_ids(comp.tokenizer, list(prompts), max_length=comp.max_length))
+    return np.asarray(adaptors.prompt_ids(comp.tokenizer, list(prompts), max_length=comp.max_length))
 
 
 def embed(comp: Components, text_encoder_params, ids: jax.Array) -> jax.Array:
@@ -223,11 +223,11 @@ def embed(comp: Components, text_encoder_params, ids: jax.Array) -> jax.Array:
     "before" evaluation) get zero rows appended, which plain ids never index, so they give the base encoder's output.
     """
     if comp.spec.num_soft_tokens:
-        table = adapters.soft_tokens.token_embedding(text_encoder_params)
+        table = adaptors.soft_tokens.token_embedding(text_encoder_params)
         missing = int(comp.text_encoder.config.vocab_size) - table.shape[0]
         if missing > 0:
             zeros = jnp.zeros((missing, table.shape[1]), table.dtype)
-            text_encoder_params = adapters.soft_tokens.apply_soft_tokens(text_encoder_params, zeros)
+            text_encoder_params = adaptors.soft_tokens.apply_soft_tokens(text_encoder_params, zeros)
     return comp.text_encoder(ids, params=text_encoder_params).last_hidden_state
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax import adapters, parallel
+from fairdiff_jax import adaptors, parallel
 from fairdiff_jax.components import Components, build_components, embed, generate_images, latent_shape, tokenize
 from fairdiff_jax.config import config_from_argv
 from fairdiff_jax.errors import FairdiffError
@@ -249,10 +249,10 @@ def evaluate(
     if include_original:
         models["original"] = (comp.unet_params, comp.text_encoder_params, False)
     if workdir is not None:
-        spec = adapters.read_adaptor_metadata(workdir)
-        adapters.check_base_model(spec, comp.unet_params, comp.text_encoder_params)
-        found_step, item = adapters.restore_adaptor_item(workdir, step)
-        unet_params, te_params = adapters.apply_adaptor(
+        spec = adaptors.read_adaptor_metadata(workdir)
+        adaptors.check_base_model(spec, comp.unet_params, comp.text_encoder_params)
+        found_step, item = adaptors.restore_adaptor_item(workdir, step)
+        unet_params, te_params = adaptors.apply_adaptor(
             spec, item["ema" if use_ema else "params"], comp.unet_params, comp.text_encoder_params
         )
         models[f"debiased (step {found_step})"] = (unet_params, te_params, True)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from fairdiff_jax import adapters, parallel
+from fairdiff_jax import adaptors, parallel
 from fairdiff_jax.checkpointing import Checkpointer, PreemptionFlag
 from fairdiff_jax.components import Components, build_components, latent_shape, tokenize
 from fairdiff_jax.config import config_from_argv, write_resolved_config
@@ -97,7 +97,7 @@ def _host_metrics(metrics: dict) -> dict:
 
 def write_samples(comp: Components, ema_params, prompts: Sequence[str], path: str, generator, per_prompt: int = 8):
     """A grid of ``per_prompt`` images per prompt from the EMA adaptor, fixed noise, a bar per attribute."""
-    unet_params, te_params = adapters.apply_adaptor(comp.spec, ema_params, comp.unet_params, comp.text_encoder_params)
+    unet_params, te_params = adaptors.apply_adaptor(comp.spec, ema_params, comp.unet_params, comp.text_encoder_params)
     uncond_ids = jnp.asarray(tokenize(comp, [""], soft_tokens=False))
     images, labels = [], {name: [] for name in comp.attributes}
     for index, prompt in enumerate(prompts):
@@ -120,7 +120,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, progress: 
     comp = components or build_components(cfg)
     if is_main_process():
         write_resolved_config(cfg, workdir)
-        adapters.write_adaptor_metadata(workdir, comp.spec)
+        adaptors.write_adaptor_metadata(workdir, comp.spec)
     mesh = parallel.make_mesh()
     if int(cfg.train.images_per_prompt) % mesh.size:
         raise FairdiffError(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fairdiff_jax import adapters
+from fairdiff_jax import adaptors
 from fairdiff_jax.alignment import (
     alignment_cross_entropy,
     distributional_alignment_grouped,
@@ -62,7 +62,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 
 
 def init_state(comp: Components, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    params = adapters.init_adaptor(key, comp.spec, comp.unet_params, comp.text_encoder_params)
+    params = adaptors.init_adaptor(key, comp.spec, comp.unet_params, comp.text_encoder_params)
     ema = jax.tree.map(jnp.copy, params)  # its own buffers: the state is donated to the step
     return TrainState(params, ema, optimizer.init(params), jnp.zeros((), jnp.int32))
 
@@ -104,7 +104,7 @@ def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *
 
     def adapted_images(params, frozen, batch, rows_noise, rows_prompt, gradient_mode):
         """Images ``[R, H, W, 3]`` of the adapted model for noise rows and their prompt indices ``[R]``."""
-        unet_params, te_params = adapters.apply_adaptor(spec, params, frozen["unet"], frozen["text_encoder"])
+        unet_params, te_params = adaptors.apply_adaptor(spec, params, frozen["unet"], frozen["text_encoder"])
         cond = embed(comp, te_params, batch.cond_ids)[rows_prompt]
         uncond = embed(comp, te_params, batch.uncond_ids)
         return generate_images(
@@ -218,7 +218,7 @@ def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *
         finite = all_finite(grads) & jnp.isfinite(loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = adapters.ema_update(state.ema, params, spec.ema_decay)
+        ema = adaptors.ema_update(state.ema, params, spec.ema_decay)
         new_state = TrainState(
             *keep_if_finite(finite, (params, ema, opt_state), (state.params, state.ema, state.opt_state)),
             state.skipped + (~finite).astype(jnp.int32),

@@ -19,7 +19,7 @@ pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft: pip
 
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
-from fairdiff_jax import adapters as A  # noqa: E402
+from fairdiff_jax import adaptors as A  # noqa: E402
 from fairdiff_jax.cli import main as cli_main  # noqa: E402
 
 pytestmark = pytest.mark.torch

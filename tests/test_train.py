@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from fairdiff_jax import cli, parallel
-from fairdiff_jax.adapters import restore_adaptor_item
+from fairdiff_jax.adaptors import restore_adaptor_item
 from fairdiff_jax.metrics import read_metrics
 from fairdiff_jax.train import BATCH_SPECS, frozen_tree, make_batch, place_batch
 from fairdiff_jax.train_step import init_state, make_train_step

@@ -47,11 +47,11 @@ def tiny_config(sd_folder: str, *overrides: str):
 def write_finished_run(workdir: str, comp: Components, shift: float = 0.3) -> None:
     """A run folder holding one checkpoint (step 1) whose adaptor is the initial one + ``shift`` (so it changes
     the images), as ``fairdiff train`` would leave it; for evaluation tests."""
-    from fairdiff_jax import adapters
+    from fairdiff_jax import adaptors
     from fairdiff_jax.checkpointing import Checkpointer
 
-    adapters.write_adaptor_metadata(workdir, comp.spec)
-    params = adapters.init_adaptor(jax.random.PRNGKey(0), comp.spec, comp.unet_params, comp.text_encoder_params)
+    adaptors.write_adaptor_metadata(workdir, comp.spec)
+    params = adaptors.init_adaptor(jax.random.PRNGKey(0), comp.spec, comp.unet_params, comp.text_encoder_params)
     params = jax.tree.map(lambda x: x + shift, params)
     with Checkpointer(workdir, save_every=1) as ckpt:
         ckpt.save(1, {"params": params, "ema": params}, {"count": np.zeros(())}, {"prompts": {}})

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fairdiff_jax import adapters
+from fairdiff_jax import adaptors
 from fairdiff_jax.components import Components, build_components
 from fairdiff_jax.config import load_config, split_overrides
 from fairdiff_jax.errors import FairdiffError
@@ -123,13 +123,13 @@ def adapted_model(comp: Components, train_dir: str):
 
     Refuses an unfinished run (stopped by SIGTERM before ``num_steps``): evaluating it would report a partly
     trained adaptor as the result, and its images would be reused after the run is resumed."""
-    step, item = adapters.restore_adaptor_item(train_dir)
+    step, item = adaptors.restore_adaptor_item(train_dir)
     total = int(comp.cfg.num_steps)
     if step < total:
         raise FairdiffError(
             f"training in {train_dir} stopped at step {step} of {total}; run the same command again to resume it"
         )
-    return adapters.apply_adaptor(comp.spec, item["ema"], comp.unet_params, comp.text_encoder_params)
+    return adaptors.apply_adaptor(comp.spec, item["ema"], comp.unet_params, comp.text_encoder_params)
 
 
 def demo_config(adaptor: str = "unet_lora", attributes: Sequence[str] = ("gender",), overrides: Sequence[str] = ()):

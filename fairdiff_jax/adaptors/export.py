@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from fairdiff_jax.adapters import checkpoint as ckpt
-from fairdiff_jax.adapters.lora import lora_modules
+from fairdiff_jax.adaptors import checkpoint as ckpt
+from fairdiff_jax.adaptors.lora import lora_modules
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.models.convert import pt_module_name
 from fairdiff_jax.models.safetensors_io import write_safetensors

@@ -9,8 +9,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax.traverse_util import flatten_dict
 
-from fairdiff_jax import adapters as A
-from fairdiff_jax.adapters import export as export_lib
+from fairdiff_jax import adaptors as A
+from fairdiff_jax.adaptors import export as export_lib
 from fairdiff_jax.cli import main as cli_main
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.models import load_stable_diffusion, write_tiny_sd_folder

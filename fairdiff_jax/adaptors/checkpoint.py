@@ -24,9 +24,9 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from fairdiff_jax.adapters import lora as lora_lib
-from fairdiff_jax.adapters import soft_tokens as soft_lib
-from fairdiff_jax.adapters.ema import PAPER_EMA_DECAY, AdaptorState
+from fairdiff_jax.adaptors import lora as lora_lib
+from fairdiff_jax.adaptors import soft_tokens as soft_lib
+from fairdiff_jax.adaptors.ema import PAPER_EMA_DECAY, AdaptorState
 from fairdiff_jax.errors import FairdiffError
 
 METADATA_FILE = "adaptor.json"

@@ -1,6 +1,6 @@
 """Adaptors as parameter transforms (LoRA, soft tokens), their EMA, storage and diffusers export."""
 
-from fairdiff_jax.adapters.checkpoint import (
+from fairdiff_jax.adaptors.checkpoint import (
     AdaptorSpec,
     adaptor_checkpoint_item,
     apply_adaptor,
@@ -14,14 +14,14 @@ from fairdiff_jax.adapters.checkpoint import (
     save_flax_adaptor,
     write_adaptor_metadata,
 )
-from fairdiff_jax.adapters.ema import (
+from fairdiff_jax.adaptors.ema import (
     PAPER_EMA_DECAY,
     AdaptorState,
     ema_update,
     init_adaptor_state,
     update_adaptor_state,
 )
-from fairdiff_jax.adapters.lora import (
+from fairdiff_jax.adaptors.lora import (
     DEFAULT_TARGETS,
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
@@ -31,7 +31,7 @@ from fairdiff_jax.adapters.lora import (
     lora_delta,
     lora_scale,
 )
-from fairdiff_jax.adapters.soft_tokens import (
+from fairdiff_jax.adaptors.soft_tokens import (
     DEFAULT_TOKEN,
     add_soft_tokens,
     apply_soft_tokens,

@@ -45,5 +45,10 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.4", "importlib_resources>=6"],
         "faces": ["opencv-python-headless>=4.9,<5"],  # OpenCV 5 no longer ships the Haar cascades
     },
-    entry_points={"console_scripts": ["fairdiff=fairdiff_jax.cli:main"]},
+    entry_points={
+        "console_scripts": ["fairdiff=fairdiff_jax.cli:main"],
+        # the embedded toy world is a plug-in: the core names no toy paths
+        "fairdiff_jax.worlds": ["toy = fairdiff_jax.toyworld.plugin:TOY_WORLD"],
+        "fairdiff_jax.commands": ["demo = fairdiff_jax.toyworld.demo_cli:main"],
+    },
 )

@@ -63,16 +63,25 @@ def _save(path: str, row: dict) -> dict:
 
 def original_row(root: str, overrides: Sequence[str], progress: bool) -> dict:
     """The base toy model, measured once."""
-    from fairdiff_jax.components import build_components
+    from fairdiff_jax.evaluate import EvalSettings
+    from fairdiff_jax.run import build_run
     from fairdiff_jax.toyworld.demo import demo_config, measure
 
     path = os.path.join(root, "original", "row.json")
     row = _load(path)
     if row is None:
-        comp = build_components(demo_config("text_lora", EVALUATED, overrides))
+        cfg = demo_config("text_lora", EVALUATED, overrides)
+        run = build_run(cfg)
         out_dir = os.path.join(root, "original", "eval")
+        frozen = run.frozen
         section = measure(
-            comp, comp.unet_params, comp.text_encoder_params, out_dir, soft_tokens=False, progress=progress
+            run,
+            EvalSettings.from_config(cfg),
+            frozen["unet"],
+            frozen["text_encoder"],
+            out_dir,
+            soft_tokens=False,
+            progress=progress,
         )
         row = _save(path, {"name": "original", **_summary(section)})
     return row
@@ -80,7 +89,8 @@ def original_row(root: str, overrides: Sequence[str], progress: bool) -> dict:
 
 def run_row(root: str, kind: str, target: str, mode: str, overrides: Sequence[str], progress: bool) -> tuple[dict, str]:
     """Train ``kind`` debiasing ``target`` (``+``-joined attributes) with gradient ``mode``, then measure it."""
-    from fairdiff_jax.components import build_components
+    from fairdiff_jax.evaluate import EvalSettings
+    from fairdiff_jax.run import build_run
     from fairdiff_jax.toyworld.demo import adapted_model, demo_config, measure
     from fairdiff_jax.train import train
 
@@ -92,12 +102,19 @@ def run_row(root: str, kind: str, target: str, mode: str, overrides: Sequence[st
     if row is None:
         started = time.perf_counter()
         cfg = demo_config(kind, target.split("+"), [*overrides, f"--config.sampler.gradient_mode={mode}"])
-        comp = build_components(cfg)
-        train(cfg, train_dir, components=comp, progress=progress)
-        eval_comp = build_components(demo_config(kind, EVALUATED, overrides))
-        unet_params, te_params = adapted_model(comp, train_dir)
+        run = build_run(cfg)
+        train(cfg, train_dir, run=run, progress=progress)
+        eval_cfg = demo_config(kind, EVALUATED, overrides)
+        eval_run = build_run(eval_cfg)
+        unet_params, te_params = adapted_model(run, cfg, train_dir)
         section = measure(
-            eval_comp, unet_params, te_params, os.path.join(run_dir, "eval"), soft_tokens=True, progress=progress
+            eval_run,
+            EvalSettings.from_config(eval_cfg),
+            unet_params,
+            te_params,
+            os.path.join(run_dir, "eval"),
+            soft_tokens=True,
+            progress=progress,
         )
         row = {"name": name, "kind": kind, "target": target, "mode": mode, "steps": int(cfg.num_steps)}
         row.update(_summary(section))
@@ -145,7 +162,7 @@ def ablation_markdown(rows: Sequence[dict], curves: dict) -> str:
 
 
 def training_curve(train_dir: str) -> tuple[list[int], list[float], list[float]]:
-    from fairdiff_jax.metrics import read_metrics
+    from fairdiff_jax.reporting import read_metrics
 
     rows = [r for r in read_metrics(train_dir) if "loss" in r]
     return [int(r["step"]) for r in rows], [r["loss"] for r in rows], [r.get("grad_norm", float("nan")) for r in rows]

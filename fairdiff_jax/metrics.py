@@ -1,29 +1,18 @@
-"""Observing a run (metrics files, progress, image grids, non-finite guard, compile stats) and bias measures.
-
-Writers act on process 0 only. The bias utilities follow DESIGN.md §1.4:
-``bias(P) = mean over class pairs i<j of |freq_i - freq_j|`` among the images whose attribute was classified.
+"""Bias measures (DESIGN.md §1.4): class frequencies, ``bias(P) = mean over class pairs i<j of |freq_i - freq_j|``
+among the images whose attribute was classified, intersections, the fair-generator floor, per-prompt-set summaries.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import logging
 import math
-import os
-import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fairdiff_jax.errors import FairdiffError
-
-_log = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------------------------------------ bias
 
 
 def class_frequencies(labels: jax.Array, num_classes: int, valid: jax.Array | None = None) -> jax.Array:
@@ -114,216 +103,32 @@ def fair_bias_floor(
     return float(np.mean(_bias_float64(counts / num_samples)))
 
 
-# ------------------------------------------------------------------------------------- non-finite guard
+def bias_metrics(results: Sequence[Mapping], num_classes: Mapping[str, int]) -> dict:
+    """Per-attribute (and intersection) bias mean ± std over prompts, mean frequencies and the fair floor.
 
-
-def all_finite(tree: Any) -> jax.Array:
-    """True when every entry of every leaf is finite (usable inside jit)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``finite`` else ``old``, leaf by leaf: refuse a non-finite update inside jit."""
-    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-
-class NonFiniteGuard:
-    """Counts skipped (non-finite) updates; stops the run after ``max_consecutive`` in a row."""
-
-    def __init__(self, max_consecutive: int = 20):
-        self.max_consecutive = max_consecutive
-        self.skipped = 0
-        self.consecutive = 0
-
-    def update(self, finite: bool, step: int) -> bool:
-        """Record one step's outcome; returns ``finite``. Raises ``FairdiffError`` when training diverged."""
-        if bool(finite):
-            self.consecutive = 0
-            return True
-        self.skipped += 1
-        self.consecutive += 1
-        _log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, self.skipped)
-        if self.consecutive >= self.max_consecutive:
-            raise FairdiffError(
-                f"training diverged: {self.consecutive} non-finite updates in a row up to step {step}; "
-                "lower train.lr or use model.dtype=float32, then resume"
-            )
-        return False
-
-
-# ------------------------------------------------------------------------------------ compile statistics
-
-
-def memory_stats(compiled) -> dict[str, float]:
-    """Compiled memory in MiB from ``compiled.memory_analysis()`` (empty when the backend gives none)."""
-    try:
-        analysis = compiled.memory_analysis()
-    except (NotImplementedError, AttributeError, RuntimeError):
-        return {}
-    if analysis is None:
-        return {}
-    stats = {}
-    for field in ("temp", "argument", "output", "alias", "generated_code"):
-        value = getattr(analysis, f"{field}_size_in_bytes", None)
-        if value is not None:
-            stats[f"{field}_mib"] = float(value) / 2**20
-    return stats
-
-
-def compile_with_stats(jitted, *args, name: str = "train_step", **kwargs) -> tuple[Any, dict[str, float]]:
-    """Lower and compile ``jitted`` ahead of time; log and return the compile time and compiled memory."""
-    start = time.perf_counter()
-    compiled = jitted.lower(*args, **kwargs).compile()
-    stats = {"compile_seconds": time.perf_counter() - start, **memory_stats(compiled)}
-    details = ", ".join(f"{k} {v:.1f}" for k, v in stats.items())
-    _log.info("compiled %s: %s", name, details)
-    return compiled, stats
-
-
-# ------------------------------------------------------------------------------------------------ writers
-
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
-def _json_number(value):
-    value = float(np.asarray(value))
-    return value if math.isfinite(value) else None
-
-
-class MetricsWriter:
-    """Scalars to ``workdir/metrics.jsonl`` (one JSON object per call) and TensorBoard at ``workdir/tb``.
-
-    Only process 0 writes; on other processes every method does nothing. Non-finite values are written as
-    ``null`` in JSON.
+    ``results`` as from :func:`generate_prompt_set`. Images whose largest face was not classified
+    (``valid`` False) are left out, as in the paper.
     """
-
-    def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
-        self.enabled = is_main_process() if enabled is None else enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if not self.enabled:
-            return
-        os.makedirs(workdir, exist_ok=True)
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """Append ``{"step": step, "time": ..., **scalars}``; array values must be scalars."""
-        if not self.enabled:
-            return
-        record = {"step": int(step), "time": time.time()}
-        record.update({k: _json_number(v) for k, v in scalars.items()})
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in scalars.items():
-                self._tb.add_scalar(key, float(np.asarray(value)), int(step))
-            self._tb.flush()
-
-    def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
-        """Log an ``[H, W, 3]`` uint8 image (e.g. a grid) to TensorBoard."""
-        if self.enabled and self._tb is not None:
-            self._tb.add_image(tag, np.asarray(image), int(step), dataformats="HWC")
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-    def __enter__(self) -> MetricsWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    """The records of ``workdir/metrics.jsonl`` in order."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def progress_bar(total: int, *, initial: int = 0, desc: str = "train", enabled: bool | None = None):
-    """A tqdm bar with rate and ETA, shown on process 0 only."""
-    from tqdm.auto import tqdm
-
-    enabled = is_main_process() if enabled is None else enabled
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
-
-
-# ------------------------------------------------------------------------------------------------ images
-
-# One colour per class (colour-blind friendly "tab10"-like), grey for "no label".
-PALETTE = np.array(
-    [
-        [230, 97, 1],
-        [94, 60, 153],
-        [27, 158, 119],
-        [253, 184, 99],
-        [178, 171, 210],
-        [102, 166, 30],
-        [231, 41, 138],
-        [31, 120, 180],
-        [166, 118, 29],
-        [102, 102, 102],
-    ],
-    np.uint8,
-)
-NO_LABEL = np.array([200, 200, 200], np.uint8)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """``[..., 3]`` floats in ``[-1, 1]`` -> uint8 in ``[0, 255]``."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def image_grid(
-    images: np.ndarray,
-    ncols: int,
-    labels: Mapping[str, Sequence[int]] | None = None,
-    *,
-    bar_height: int | None = None,
-    pad: int = 2,
-) -> np.ndarray:
-    """Tile ``[B, H, W, 3]`` images in ``[-1, 1]`` into one uint8 ``[rows*(H+bars+pad)+pad, ..., 3]`` grid.
-
-    ``labels`` maps attribute names to ``[B]`` class indices; each image gets one coloured bar per
-    attribute underneath (``PALETTE[class]``; grey for -1).
-    """
-    images = to_uint8(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise FairdiffError(f"image_grid expects [B, H, W, 3] images, got shape {images.shape}")
-    num, height, width, _ = images.shape
-    labels = {k: np.asarray(v) for k, v in (labels or {}).items()}
-    bar = bar_height or max(2, height // 16)
-    cell_h = height + bar * len(labels)
-    nrows = max(1, math.ceil(num / ncols))
-    grid = np.full((nrows * (cell_h + pad) + pad, ncols * (width + pad) + pad, 3), 255, np.uint8)
-    for index in range(num):
-        top = pad + (index // ncols) * (cell_h + pad)
-        left = pad + (index % ncols) * (width + pad)
-        grid[top : top + height, left : left + width] = images[index]
-        for row, attr_labels in enumerate(labels.values()):
-            cls = int(attr_labels[index])
-            colour = PALETTE[cls % len(PALETTE)] if cls >= 0 else NO_LABEL
-            grid[top + height + row * bar : top + height + (row + 1) * bar, left : left + width] = colour
-    return grid
-
-
-def save_image_grid(
-    images: np.ndarray, path: str, ncols: int, labels: Mapping[str, Sequence[int]] | None = None
-) -> np.ndarray:
-    """Write ``image_grid(images, ncols, labels)`` as a PNG at ``path`` (process 0 only); returns the grid."""
-    from PIL import Image
-
-    grid = image_grid(images, ncols, labels)
-    if is_main_process():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        Image.fromarray(grid).save(path)
-    return grid
+    names = list(num_classes)
+    columns = {n: (np.stack([r["labels"][n] for r in results]), num_classes[n]) for n in names}
+    if len(names) > 1:
+        for size in range(2, len(names) + 1):
+            for combo in itertools.combinations(names, size):
+                joint = intersection_labels([columns[n][0] for n in combo], [num_classes[n] for n in combo])
+                columns["_x_".join(combo)] = (np.asarray(joint), int(np.prod([num_classes[n] for n in combo])))
+    valid = np.stack([r["valid"] for r in results])
+    out = {"bias": {}, "bias_std": {}, "freq": {}, "freq_std": {}, "bias_floor": {}, "per_prompt_bias": {}}
+    for name, (labels, k) in columns.items():
+        freq = np.asarray(class_frequencies(jnp.asarray(labels), k, jnp.asarray(valid)))  # [prompts, K]
+        bias = np.asarray(bias_from_freq(freq))
+        out["bias"][name] = float(np.nanmean(bias))
+        out["bias_std"][name] = float(np.nanstd(bias))
+        out["freq"][name] = [float(f) for f in np.nanmean(freq, 0)]
+        out["freq_std"][name] = [float(f) for f in np.nanstd(freq, 0)]
+        out["per_prompt_bias"][name] = [float(b) for b in bias]
+        per_prompt = max(1, int(np.round(valid.sum(1).mean())))
+        out["bias_floor"][name] = fair_bias_floor(k, per_prompt)
+    out["n_images"] = int(valid.size)
+    out["n_valid"] = int(valid.sum())
+    out["prompts"] = [r["prompt"] for r in results]
+    return out

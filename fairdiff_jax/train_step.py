@@ -3,27 +3,30 @@
 For each prompt, N fresh noises and one random step count: the frozen original model generates ``x_ori``
 (no gradient) for the regularisers; the adapted model generates ``x`` through the adjusted DFT; the
 classifier's outputs of the prompt's images on *all* devices give the dynamic OT targets; the total loss
-``L_align + λ_img L_img`` is back-propagated into the adaptor only; gradients are ``pmean``-ed; AdamW and
-the EMA update follow. A non-finite loss or gradient leaves the state untouched and is counted.
+``L_align + λ_img L_img`` (:func:`total_loss`) is back-propagated into the adaptor only; gradients are
+``pmean``-ed; AdamW and the EMA update follow. A non-finite loss or gradient leaves the state untouched and is
+counted. Every part is a module-level function of explicit inputs: the static :class:`StepModel`, the trainable
+state, the frozen weights (one pytree) and the :class:`Batch`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fairdiff_jax import adaptors
-from fairdiff_jax.alignment import (
-    alignment_cross_entropy,
-    distributional_alignment_grouped,
-    semantic_loss,
-    semantic_weights,
-)
-from fairdiff_jax.components import Components, embed, generate_images
-from fairdiff_jax.metrics import all_finite, bias_from_freq, keep_if_finite
+from fairdiff_jax.adaptors import ema_update
+from fairdiff_jax.adaptors.spec import AdaptorSpec
+from fairdiff_jax.adaptors.transform import apply_adaptor, init_adaptor
+from fairdiff_jax.alignment import alignment_cross_entropy, distributional_alignment_grouped, semantic_weights
+from fairdiff_jax.alignment.semantic import semantic_loss
+from fairdiff_jax.errors import FairdiffError
+from fairdiff_jax.generation import Pipeline, SamplerSettings, embed, generate_images
+from fairdiff_jax.metrics import bias_from_freq
 from fairdiff_jax.parallel import AXIS, pmean
 
 
@@ -47,24 +50,84 @@ class Batch(NamedTuple):
     key: jax.Array  # PRNG key for the sampled transport
 
 
-def learning_rate(cfg) -> optax.Schedule:
-    """The paper's constant rate (DESIGN.md §1.3), or a cosine decay to ``lr * final_lr_fraction``."""
-    lr = float(cfg.train.lr)
-    if cfg.train.lr_schedule == "constant":
-        return optax.constant_schedule(lr)
-    return optax.cosine_decay_schedule(lr, int(cfg.num_steps), alpha=float(cfg.train.final_lr_fraction))
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The loss of ``config.loss`` / ``config.attributes`` and the gradient micro-batch of ``config.train``."""
+
+    lambda_img: float
+    confidence: float
+    num_ot_samples: int
+    factor1: float  # weight of L_img for images whose target differs from the original's class
+    microbatch: int  # images per gradient chunk; 0 = all at once
+
+    @classmethod
+    def from_config(cls, cfg) -> LossSettings:
+        return cls(
+            lambda_img=float(cfg.loss.lambda_img),
+            confidence=float(cfg.loss.confidence),
+            num_ot_samples=int(cfg.loss.num_ot_samples),
+            factor1=min(float(cfg.attributes[n].factor1) for n in cfg.attributes),
+            microbatch=int(cfg.train.microbatch),
+        )
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW with :func:`learning_rate`; the schedule counts the optimizer's own steps, so resumes continue it."""
-    b1, b2 = (float(b) for b in cfg.train.betas)
-    return optax.adamw(learning_rate(cfg), b1=b1, b2=b2, weight_decay=float(cfg.train.weight_decay))
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepModel:
+    """The static pieces of a step: modules, sampler, adaptor spec, scorers, task and loss settings."""
+
+    pipeline: Pipeline
+    sampler: SamplerSettings
+    spec: AdaptorSpec
+    classifier: Any  # (params, images) -> (logits {attr: [B,K]}, valid [B])
+    feature_fns: tuple  # (params, images) -> [B, D], the semantic extractors of L_img
+    num_classes: dict
+    targets: dict  # attribute -> [K] target distribution
+    loss: LossSettings
+
+    @property
+    def use_img(self) -> bool:
+        return bool(self.feature_fns) and self.loss.lambda_img > 0
 
 
-def init_state(comp: Components, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    params = adaptors.init_adaptor(key, comp.spec, comp.unet_params, comp.text_encoder_params)
-    ema = jax.tree.map(jnp.copy, params)  # its own buffers: the state is donated to the step
+def step_model(run, cfg) -> StepModel:
+    """The :class:`StepModel` of a :class:`fairdiff_jax.run.Run` and its config."""
+    return StepModel(
+        pipeline=run.pipeline,
+        sampler=SamplerSettings.from_config(cfg.sampler),
+        spec=run.spec,
+        classifier=run.classifier,
+        feature_fns=tuple(run.feature_fns),
+        num_classes=dict(run.task.num_classes),
+        targets={n: jnp.asarray(t) for n, t in run.task.targets.items()},
+        loss=LossSettings.from_config(cfg),
+    )
+
+
+def init_state(spec: AdaptorSpec, frozen: dict, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """The state at step 0; the EMA gets its own buffers (the state is donated to the step)."""
+    params = init_adaptor(key, spec, frozen["unet"], frozen["text_encoder"])
+    ema = jax.tree.map(jnp.copy, params)
     return TrainState(params, ema, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def check_microbatch(microbatch: int, local_images: int) -> None:
+    """The micro-batch must be 0 or divide the images one device generates per step (one line otherwise)."""
+    if microbatch < 0 or (microbatch and local_images % microbatch):
+        raise FairdiffError(
+            f"train.microbatch={microbatch} must be 0 (all images in one pass) or divide the {local_images} images "
+            "each device generates per step (images_per_prompt / devices x prompts_per_step)"
+        )
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every entry of every leaf is finite (usable inside jit)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``finite`` else ``old``, leaf by leaf: refuse a non-finite update inside jit."""
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
 def _group(x: jax.Array, n: int, p: int) -> jax.Array:
@@ -81,166 +144,176 @@ def _predictions(logits) -> dict:
     return {name: jnp.argmax(value, axis=-1) for name, value in logits.items()}
 
 
-def make_train_step(comp: Components, optimizer: optax.GradientTransformation, *, max_steps: int, axis_name=AXIS):
-    """The per-device step ``(state, frozen, batch) -> (state, metrics)``.
+def original_images(model: StepModel, frozen: dict, batch: Batch, noise: jax.Array) -> jax.Array:
+    """``x_ori`` ``[n*P, H, W, 3]``: the frozen original model, same noise and step count, no gradient."""
+    n = batch.noise.shape[0]
+    cond = jnp.tile(embed(model.pipeline, frozen["text_encoder"], batch.plain_ids), (n, 1, 1))
+    uncond = embed(model.pipeline, frozen["text_encoder"], batch.uncond_ids)
+    images = generate_images(
+        model.pipeline,
+        model.sampler,
+        frozen["unet"],
+        frozen["vae"],
+        cond,
+        uncond,
+        noise,
+        batch.num_steps,
+        max_steps=model.sampler.max_train_steps,
+        gradient_mode="detached",
+    )
+    return jax.lax.stop_gradient(images)
 
-    ``frozen`` is ``{"unet", "text_encoder", "classifier", "features"}`` (replicated); with
-    ``axis_name=None`` the step runs unsharded on one device (the reference for the parallel tests).
-    """
-    cfg = comp.cfg
-    spec = comp.spec
-    loss_cfg = cfg.loss
-    factor1 = min(float(cfg.attributes[n].factor1) for n in comp.attributes)
-    targets = {n: jnp.asarray(t) for n, t in comp.targets.items()}
-    mode = cfg.sampler.gradient_mode
+
+def adapted_images(model: StepModel, params, frozen: dict, batch: Batch, rows_noise, rows_prompt, gradient_mode: str):
+    """Images ``[R, H, W, 3]`` of the adapted model for noise rows ``[R, C, h, w]`` and their prompt indices ``[R]``."""
+    unet_params, te_params = apply_adaptor(model.spec, params, frozen["unet"], frozen["text_encoder"])
+    cond = embed(model.pipeline, te_params, batch.cond_ids)[rows_prompt]
+    uncond = embed(model.pipeline, te_params, batch.uncond_ids)
+    return generate_images(
+        model.pipeline,
+        model.sampler,
+        unet_params,
+        frozen["vae"],
+        cond,
+        uncond,
+        rows_noise,
+        batch.num_steps,
+        max_steps=model.sampler.max_train_steps,
+        gradient_mode=gradient_mode,
+    )
+
+
+def group_targets(model: StepModel, logits: dict, valid: jax.Array, batch: Batch, axis_name):
+    """Dynamic targets per prompt group (over all devices) for image-major rows: ``(alignment, labels {a: [n*P]})``."""
+    n, num_prompts = batch.noise.shape[:2]
+    align = distributional_alignment_grouped(
+        {k: _group(v, n, num_prompts) for k, v in logits.items()},
+        _group(valid, n, num_prompts),
+        model.targets,
+        key=batch.key,
+        num_samples=model.loss.num_ot_samples,
+        confidence=model.loss.confidence,
+        axis_name=axis_name,
+    )
+    return align, {k: _ungroup(v) for k, v in align.labels.items()}
+
+
+def semantic_term(model: StepModel, frozen: dict, images, x_ori, weights) -> jax.Array:
+    """L_img of these images: the weighted mean over them of Σ_e (1 − cos(e(x), e(x_ori))) (0 when off)."""
+    if not model.use_img:
+        return jnp.zeros((), jnp.float32)
+    extractors = [(lambda x, fn=fn, p=p: fn(p, x)) for fn, p in zip(model.feature_fns, frozen["features"])]
+    value, _ = semantic_loss(images, x_ori, extractors, weights=weights)
+    return value
+
+
+def total_loss(model: StepModel, align: jax.Array, img: jax.Array) -> jax.Array:
+    """The one objective: ``L_align + λ_img · L_img``."""
+    return align + model.loss.lambda_img * img if model.use_img else align
+
+
+def one_pass_value_and_grad(model, params, frozen, batch, noise, prompt_of, x_ori, ori_pred, axis_name):
+    """``(loss, aux, grads)`` with every image of the device in one backward pass."""
+
+    def loss_fn(params):
+        images = adapted_images(model, params, frozen, batch, noise, prompt_of, model.sampler.gradient_mode)
+        logits, valid = model.classifier(frozen["classifier"], images)
+        align, labels = group_targets(model, logits, valid, batch, axis_name)
+        weights = semantic_weights(labels, ori_pred, model.loss.factor1)
+        img = semantic_term(model, frozen, images, x_ori, weights)
+        aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align.loss, "img": img}
+        return total_loss(model, align.loss, img), aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, aux, grads
+
+
+def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, x_ori, ori_pred, axis_name):
+    """Two passes: targets from all images without gradient, then the gradient ``microbatch`` images at a time
+    (a ``lax.scan``), so the backward pass holds one chunk. Equal to the one-pass gradient."""
+    total_images = noise.shape[0]
+    chunk = model.loss.microbatch
+    images = jax.lax.stop_gradient(adapted_images(model, params, frozen, batch, noise, prompt_of, "detached"))
+    logits, valid = model.classifier(frozen["classifier"], images)
+    _, labels = group_targets(model, logits, valid, batch, axis_name)
+    weights = semantic_weights(labels, ori_pred, model.loss.factor1)
+
+    def chunk_loss(params, rows_noise, rows_prompt, rows_x_ori, rows_labels, rows_weights):
+        rows_images = adapted_images(model, params, frozen, batch, rows_noise, rows_prompt, model.sampler.gradient_mode)
+        rows_logits, _ = model.classifier(frozen["classifier"], rows_images)
+        align = sum(alignment_cross_entropy(rows_logits[k], rows_labels[k], total_images) for k in rows_labels)
+        img = semantic_term(model, frozen, rows_images, rows_x_ori, rows_weights) * (chunk / total_images)
+        return total_loss(model, align, img), (align, img)
+
+    def chunks(x):
+        return x.reshape((total_images // chunk, chunk) + x.shape[1:])
+
+    def accumulate(carry, rows):
+        (loss, (align, img)), grads = jax.value_and_grad(chunk_loss, has_aux=True)(params, *rows)
+        return jax.tree.map(jnp.add, carry, (loss, align, img, grads)), None
+
+    zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    rows = (chunks(noise), chunks(prompt_of), chunks(x_ori), jax.tree.map(chunks, labels), chunks(weights))
+    (loss, align, img, grads), _ = jax.lax.scan(accumulate, zeros, rows)
+    aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align, "img": img}
+    return loss, aux, grads
+
+
+def apply_update(model: StepModel, optimizer, state: TrainState, grads, loss) -> tuple[TrainState, dict]:
+    """AdamW and EMA, unless the loss or the gradient is non-finite (then the state is kept and counted)."""
+    finite = all_finite(grads) & jnp.isfinite(loss)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema, params, model.spec.ema_decay)
+    new_state = TrainState(
+        *keep_if_finite(finite, (params, ema, opt_state), (state.params, state.ema, state.opt_state)),
+        state.skipped + (~finite).astype(jnp.int32),
+    )
+    return new_state, {"finite": finite, "update_norm": optax.global_norm(updates)}
+
+
+def attribute_metrics(model: StepModel, aux: dict, reduce) -> dict:
+    """Per attribute: predicted class frequencies over all devices, their bias, the share with a confident target."""
+    metrics = {}
+    valid = aux["valid"].astype(jnp.float32)
+    for name, pred in aux["pred"].items():
+        counts = reduce(jnp.sum(jax.nn.one_hot(pred, model.num_classes[name]) * valid[:, None], axis=0))
+        freq = counts / jnp.maximum(counts.sum(), 1.0)
+        metrics[f"freq/{name}"] = freq
+        metrics[f"bias/{name}"] = bias_from_freq(freq)
+        metrics[f"confident/{name}"] = reduce(jnp.mean((aux["labels"][name] >= 0).astype(jnp.float32)))
+    return metrics
+
+
+def train_step(state: TrainState, frozen: dict, batch: Batch, *, model: StepModel, optimizer, axis_name=AXIS):
+    """One iteration on this device: ``(state, frozen, batch) -> (state, metrics)``; ``axis_name=None`` runs
+    unsharded (the reference for the parallel tests)."""
     reduce = (lambda tree: pmean(tree, axis_name)) if axis_name else (lambda tree: tree)
+    n, num_prompts = batch.noise.shape[:2]
+    noise = batch.noise.reshape((n * num_prompts,) + batch.noise.shape[2:])
+    prompt_of = jnp.arange(n * num_prompts) % num_prompts  # the prompt of each image-major row
+    x_ori = original_images(model, frozen, batch, noise)
+    ori_logits, _ = model.classifier(frozen["classifier"], x_ori)
+    value_and_grad = microbatched_value_and_grad if model.loss.microbatch else one_pass_value_and_grad
+    loss, aux, grads = value_and_grad(
+        model, state.params, frozen, batch, noise, prompt_of, x_ori, _predictions(ori_logits), axis_name
+    )
+    grads, loss = reduce(grads), reduce(loss)
+    new_state, update = apply_update(model, optimizer, state, grads, loss)
+    metrics = {
+        "loss": loss,
+        "loss_align": reduce(aux["align"]),
+        "loss_img": reduce(aux["img"]),
+        "grad_norm": optax.global_norm(grads),
+        "update_norm": update["update_norm"],
+        "skipped": new_state.skipped,
+        "finite": update["finite"],
+        "num_steps": batch.num_steps,
+    }
+    metrics.update(attribute_metrics(model, aux, reduce))
+    return new_state, metrics
 
-    microbatch = int(cfg.train.microbatch)
 
-    use_img = bool(comp.feature_fns) and float(loss_cfg.lambda_img) > 0
-
-    def extractors_of(frozen):
-        return [(lambda images, fn=fn, p=p: fn(p, images)) for fn, p in zip(comp.feature_fns, frozen["features"])]
-
-    def adapted_images(params, frozen, batch, rows_noise, rows_prompt, gradient_mode):
-        """Images ``[R, H, W, 3]`` of the adapted model for noise rows and their prompt indices ``[R]``."""
-        unet_params, te_params = adaptors.apply_adaptor(spec, params, frozen["unet"], frozen["text_encoder"])
-        cond = embed(comp, te_params, batch.cond_ids)[rows_prompt]
-        uncond = embed(comp, te_params, batch.uncond_ids)
-        return generate_images(
-            comp,
-            unet_params,
-            cond,
-            uncond,
-            rows_noise,
-            batch.num_steps,
-            max_steps=max_steps,
-            gradient_mode=gradient_mode,
-        )
-
-    def aligned_targets(logits, valid, batch):
-        """Dynamic targets per prompt group (over all devices) for image-major rows; returns (align, labels)."""
-        n, num_prompts = batch.noise.shape[:2]
-        align = distributional_alignment_grouped(
-            {k: _group(v, n, num_prompts) for k, v in logits.items()},
-            _group(valid, n, num_prompts),
-            targets,
-            key=batch.key,
-            num_samples=int(loss_cfg.num_ot_samples),
-            confidence=float(loss_cfg.confidence),
-            axis_name=axis_name,
-        )
-        return align, {k: _ungroup(v) for k, v in align.labels.items()}
-
-    def microbatched_value_and_grad(params, frozen, batch, noise, prompt_of, x_ori, ori_pred):
-        """Two passes: targets from all images without gradient, then the gradient ``microbatch`` images at a
-        time (a ``lax.scan``), so the backward pass holds one chunk. Equal to the one-pass gradient."""
-        n, num_prompts = batch.noise.shape[:2]
-        total_images = n * num_prompts
-        if total_images % microbatch:
-            raise ValueError(f"train.microbatch={microbatch} must divide the {total_images} images on a device")
-
-        images = jax.lax.stop_gradient(adapted_images(params, frozen, batch, noise, prompt_of, "detached"))
-        logits, valid = comp.classifier(frozen["classifier"], images)
-        _, labels = aligned_targets(logits, valid, batch)
-        weights = semantic_weights(labels, ori_pred, factor1)
-
-        def chunk_loss(params, rows_noise, rows_prompt, rows_x_ori, rows_labels, rows_weights):
-            chunk_images = adapted_images(params, frozen, batch, rows_noise, rows_prompt, mode)
-            chunk_logits, _ = comp.classifier(frozen["classifier"], chunk_images)
-            ce = sum(alignment_cross_entropy(chunk_logits[k], rows_labels[k], total_images) for k in rows_labels)
-            img = jnp.zeros((), jnp.float32)
-            if use_img:
-                _, per_image = semantic_loss(chunk_images, rows_x_ori, extractors_of(frozen))
-                img = jnp.sum(rows_weights * per_image) / total_images
-            return ce + float(loss_cfg.lambda_img) * img, (ce, img)
-
-        def chunks(x):
-            return x.reshape((total_images // microbatch, microbatch) + x.shape[1:])
-
-        def accumulate(carry, rows):
-            (loss, (ce, img)), grads = jax.value_and_grad(chunk_loss, has_aux=True)(params, *rows)
-            return jax.tree.map(jnp.add, carry, (loss, ce, img, grads)), None
-
-        zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-        rows = (chunks(noise), chunks(prompt_of), chunks(x_ori), jax.tree.map(chunks, labels), chunks(weights))
-        (loss, ce, img, grads), _ = jax.lax.scan(accumulate, zeros, rows)
-        aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": ce, "img": img}
-        return loss, aux, grads
-
-    def step(state: TrainState, frozen: dict, batch: Batch):
-        n, num_prompts = batch.noise.shape[:2]
-        noise = batch.noise.reshape((n * num_prompts,) + batch.noise.shape[2:])
-        prompt_of = jnp.arange(n * num_prompts) % num_prompts  # the prompt of each image-major row
-
-        def tile(emb):  # [P, L, D] -> [n*P, L, D], image-major like the noise
-            return jnp.tile(emb, (n, 1, 1))
-
-        # the frozen original model, same noise and step count, no gradient
-        cond0 = embed(comp, frozen["text_encoder"], batch.plain_ids)
-        uncond0 = embed(comp, frozen["text_encoder"], batch.uncond_ids)
-        x_ori = jax.lax.stop_gradient(
-            generate_images(
-                comp,
-                frozen["unet"],
-                tile(cond0),
-                uncond0,
-                noise,
-                batch.num_steps,
-                max_steps=max_steps,
-                gradient_mode="detached",
-            )
-        )
-        ori_logits, _ = comp.classifier(frozen["classifier"], x_ori)
-        ori_pred = _predictions(ori_logits)
-
-        def loss_fn(params):
-            images = adapted_images(params, frozen, batch, noise, prompt_of, mode)
-            logits, valid = comp.classifier(frozen["classifier"], images)
-            align, labels = aligned_targets(logits, valid, batch)
-            total = align.loss
-            semantic = jnp.zeros((), jnp.float32)
-            if use_img:
-                weights = semantic_weights(labels, ori_pred, factor1)
-                semantic, _ = semantic_loss(images, x_ori, extractors_of(frozen), weights=weights)
-                total = total + float(loss_cfg.lambda_img) * semantic
-            aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align.loss, "img": semantic}
-            return total, aux
-
-        if microbatch:
-            loss, aux, grads = microbatched_value_and_grad(
-                state.params, frozen, batch, noise, prompt_of, x_ori, ori_pred
-            )
-        else:
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grads = reduce(grads)
-        loss = reduce(loss)
-        finite = all_finite(grads) & jnp.isfinite(loss)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = adaptors.ema_update(state.ema, params, spec.ema_decay)
-        new_state = TrainState(
-            *keep_if_finite(finite, (params, ema, opt_state), (state.params, state.ema, state.opt_state)),
-            state.skipped + (~finite).astype(jnp.int32),
-        )
-        metrics = {
-            "loss": loss,
-            "loss_align": reduce(aux["align"]),
-            "loss_img": reduce(aux["img"]),
-            "grad_norm": optax.global_norm(grads),
-            "update_norm": optax.global_norm(updates),
-            "skipped": new_state.skipped,
-            "finite": finite,
-            "num_steps": batch.num_steps,
-        }
-        valid = aux["valid"].astype(jnp.float32)
-        for name, pred in aux["pred"].items():
-            k = comp.num_classes[name]
-            counts = reduce(jnp.sum(jax.nn.one_hot(pred, k) * valid[:, None], axis=0))
-            freq = counts / jnp.maximum(counts.sum(), 1.0)
-            metrics[f"freq/{name}"] = freq
-            metrics[f"bias/{name}"] = bias_from_freq(freq)
-            metrics[f"confident/{name}"] = reduce(jnp.mean((aux["labels"][name] >= 0).astype(jnp.float32)))
-        return new_state, metrics
-
-    return step
+def make_train_step(model: StepModel, optimizer: optax.GradientTransformation, *, axis_name=AXIS):
+    """``train_step`` with its static arguments bound: ``(state, frozen, batch) -> (state, metrics)``."""
+    return functools.partial(train_step, model=model, optimizer=optimizer, axis_name=axis_name)

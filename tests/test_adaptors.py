@@ -5,12 +5,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax.traverse_util import flatten_dict
 
 from fairdiff_jax import adaptors as A
 from fairdiff_jax.adaptors import export as export_lib
+from fairdiff_jax.checkpoints import Checkpointer, load_flax_adaptor, save_flax_adaptor
+from fairdiff_jax.cli import export as export_cli
 from fairdiff_jax.cli import main as cli_main
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.models import load_stable_diffusion, write_tiny_sd_folder
@@ -209,15 +210,14 @@ def test_grown_text_encoder_reads_soft_rows(tiny_sd, text_hidden):
 
 def test_ema_math():
     params = {"a": jnp.full((3,), 2.0), "b": {"c": jnp.zeros((2, 2))}}
-    state = A.init_adaptor_state(params)
+    ema = params
     target = {"a": jnp.full((3,), 5.0), "b": {"c": jnp.ones((2, 2))}}
-    step = jax.jit(lambda s, p: A.update_adaptor_state(s, p, 0.996))
+    step = jax.jit(lambda e, p: A.ema_update(e, p, 0.996))
     for _ in range(10):
-        state = step(state, target)
+        ema = step(ema, target)
     closed_form_a = 5.0 + 0.996**10 * (2.0 - 5.0)
-    np.testing.assert_allclose(np.asarray(state.ema["a"]), closed_form_a, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(state.ema["b"]["c"]), 1.0 - 0.996**10, rtol=1e-5)
-    assert state.params is target or np.array_equal(state.params["a"], target["a"])
+    np.testing.assert_allclose(np.asarray(ema["a"]), closed_form_a, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ema["b"]["c"]), 1.0 - 0.996**10, rtol=1e-5)
     one = A.ema_update({"x": jnp.asarray(1.0)}, {"x": jnp.asarray(3.0)}, 0.75)
     assert float(one["x"]) == pytest.approx(0.75 * 1.0 + 0.25 * 3.0)
 
@@ -231,12 +231,10 @@ def test_different_base_model_is_rejected(spec, tiny_sd, trained, tmp_path):
     )
     with pytest.raises(FairdiffError, match="trained on base model 'tiny'.*different weight values"):
         A.check_base_model(spec, other.unet_params, other.text_encoder_params)
-    A.save_flax_adaptor(str(tmp_path / "adaptor"), spec, trained)
+    save_flax_adaptor(str(tmp_path / "adaptor"), spec, trained)
     with pytest.raises(FairdiffError, match="different weight values"):
-        A.load_flax_adaptor(str(tmp_path / "adaptor"), other.unet_params, other.text_encoder_params)
-    loaded_spec, loaded = A.load_flax_adaptor(
-        str(tmp_path / "adaptor"), tiny_sd.unet_params, tiny_sd.text_encoder_params
-    )
+        load_flax_adaptor(str(tmp_path / "adaptor"), other.unet_params, other.text_encoder_params)
+    loaded_spec, loaded = load_flax_adaptor(str(tmp_path / "adaptor"), tiny_sd.unet_params, tiny_sd.text_encoder_params)
     assert loaded_spec == spec
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, trained)
     layers = dict(tiny_sd.text_encoder_params["text_model"]["encoder"]["layers"])
@@ -270,17 +268,9 @@ def test_peft_export_names_and_shapes(spec, trained, tmp_path):
 def _write_workdir(workdir, spec, trained, initial):
     """A workdir as the train loop leaves it: adaptor.json + checkpoints with adaptor and optimizer items."""
     A.write_adaptor_metadata(workdir, spec)
-    state = A.AdaptorState(params=initial, ema=trained)
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    with Checkpointer(workdir, save_every=5) as checkpointer:
         for step in (5, 10):
-            manager.save(
-                step,
-                args=ocp.args.Composite(
-                    adaptor=ocp.args.StandardSave(A.adaptor_checkpoint_item(state)),
-                    opt_state=ocp.args.StandardSave({"mu": jnp.ones(3) * step}),
-                ),
-            )
-        manager.wait_until_finished()
+            checkpointer.save(step, {"params": initial, "ema": trained}, {"mu": jnp.ones(3) * step}, {"prompts": {}})
 
 
 def test_export_command_from_workdir(spec, trained, initial, tmp_path, capsys):
@@ -293,29 +283,19 @@ def test_export_command_from_workdir(spec, trained, initial, tmp_path, capsys):
     np.testing.assert_array_equal(
         read_safetensors(os.path.join(out, "learned_embeds.safetensors"))["<fair>"], np.asarray(trained["soft_tokens"])
     )  # the EMA is exported by default
-    assert export_lib.main(["--workdir", workdir, "--out", out + "_raw", "--step", "5", "--no-ema"]) == 0
+    assert export_cli.main(["--workdir", workdir, "--out", out + "_raw", "--step", "5", "--no-ema"]) == 0
     raw = read_safetensors(os.path.join(out + "_raw", "pytorch_lora_weights.safetensors"))
     assert not np.any(raw["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_v.lora_B.weight"])
 
     with pytest.raises(FairdiffError, match="does not exist"):
-        export_lib.main(["--workdir", str(tmp_path / "missing"), "--out", out])
+        export_cli.main(["--workdir", str(tmp_path / "missing"), "--out", out])
     with pytest.raises(FairdiffError, match="no checkpoint for step 7.*available steps: \\[5, 10\\]"):
-        export_lib.main(["--workdir", workdir, "--out", out, "--step", "7"])
+        export_cli.main(["--workdir", workdir, "--out", out, "--step", "7"])
     for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "10", "adaptor")):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     with pytest.raises(FairdiffError, match="cannot restore the 'adaptor' item of checkpoint step 10"):
-        export_lib.main(["--workdir", workdir, "--out", out])
+        export_cli.main(["--workdir", workdir, "--out", out])
     assert cli_main(["export", "--workdir", workdir, "--out", out]) == 2
     assert "fairdiff export: error: cannot restore" in capsys.readouterr().err
-
-
-def test_adaptor_state_can_be_donated():
-    state = A.init_adaptor_state({"w": jnp.ones((4,))})
-    assert state.ema["w"] is not state.params["w"]
-    step = jax.jit(
-        lambda s: A.update_adaptor_state(s, jax.tree_util.tree_map(lambda p: p + 1.0, s.params)), donate_argnums=0
-    )
-    state = step(state)
-    np.testing.assert_allclose(np.asarray(state.ema["w"]), 1.0 + (1 - 0.996) * 1.0, rtol=1e-6)

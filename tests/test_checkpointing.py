@@ -14,8 +14,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fairdiff_jax import FairdiffError
-from fairdiff_jax.checkpointing import Checkpointer, PreemptionFlag, key_from_meta, key_to_meta
+from fairdiff_jax.checkpoints import Checkpointer
 from fairdiff_jax.parallel import make_mesh, replicate
+from fairdiff_jax.preemption import PreemptionFlag
 from fairdiff_jax.prompts import PromptIterator
 
 
@@ -54,7 +55,7 @@ def saved_run(tmp_path):
         for step in range(1, 8):
             next(iterator)
             adaptor, opt_state = trained_state(step)
-            meta = {"rng": key_to_meta(jax.random.key(100 + step)), "prompts": iterator.state()}
+            meta = {"skipped": 100 + step, "prompts": iterator.state()}
             decisions.append(ckpt.save(step, replicate(adaptor, mesh), replicate(opt_state, mesh), meta))
             saved[step] = (adaptor, opt_state, meta)
         assert decisions == [False, True, False, True, False, True, False]
@@ -81,8 +82,7 @@ def test_resume_restores_every_item_exactly(saved_run):
     assert_trees_equal(restored.adaptor, adaptor)
     assert_trees_equal(restored.opt_state, opt_state)  # optax namedtuples come back as namedtuples
     assert int(restored.opt_state[0].count) == 7
-    key = key_from_meta(restored.meta["rng"])
-    np.testing.assert_array_equal(jax.random.normal(key, (3,)), jax.random.normal(jax.random.key(107), (3,)))
+    assert restored.meta["skipped"] == 107
     resumed = PromptIterator([f"p{i}" for i in range(7)], prompts_per_step=2, seed=0)
     resumed.restore(restored.meta["prompts"])
     assert [next(resumed) for _ in range(5)] == [next(iterator) for _ in range(5)]
@@ -140,10 +140,3 @@ def test_sigterm_sets_the_flag_and_handler_is_restored():
         os.kill(os.getpid(), signal.SIGTERM)
         assert flag.requested and flag.any_requested()
     assert signal.getsignal(signal.SIGTERM) == before
-
-
-def test_raw_and_typed_keys_roundtrip():
-    raw = jax.random.PRNGKey(3)
-    np.testing.assert_array_equal(key_from_meta(key_to_meta(raw)), raw)
-    typed = jax.random.split(jax.random.key(5))[1]
-    assert jax.random.key_data(key_from_meta(key_to_meta(typed))).tolist() == jax.random.key_data(typed).tolist()

@@ -7,7 +7,6 @@ import pytest
 
 from fairdiff_jax import FairdiffError
 from fairdiff_jax.config import (
-    TOY_MODEL_PATH,
     attribute_names,
     config_from_argv,
     leaf_keys,
@@ -66,8 +65,9 @@ def test_adaptor_switch_and_toy_config():
         assert cfg.adaptor.kind == kind
     with pytest.raises(FairdiffError, match="unknown adaptor.*soft_tokens"):
         load_config(config_path("gender.py:lora"), validate=False)
-    toy = load_config(config_path("toy.py"))  # the toy placeholders pass validation without any folder
-    assert toy.model.path == TOY_MODEL_PATH and toy.train.images_per_prompt % 8 == 0 and toy.adaptor.rank == 4
+    toy = load_config(config_path("toy.py"))  # the toy world (a plug-in) validates without any folder
+    assert toy.model.world == "toy" and not toy.model.path
+    assert toy.train.images_per_prompt % 8 == 0 and toy.adaptor.rank == 4
     assert toy.adaptor.kind == "unet_lora" and list(toy.attributes) == ["gender"]
     both = load_config(config_path("toy.py:text_lora,race+gender"))
     assert both.adaptor.kind == "text_lora" and sorted(both.attributes) == ["gender", "race"]
@@ -120,7 +120,7 @@ def test_parse_value_follows_current_type():
         ("--config.attributes.gender.target=(-0.5, 1.5)", r"negative"),
         ("--config.adaptor.kind=lora", r"adaptor.kind='lora' is not allowed; choose one of text_lora"),
         ("--config.sampler.gradient_mode=approx", r"choose one of adjusted, exact, detached"),
-        ("--config.train.microbatch=5", r"must be 0 .* or divide"),
+        ("--config.train.microbatch=-1", r"must be 0 .* or positive"),  # whether it divides: test_train
         ("--config.data.prompts=nope.json", r"prompt source 'nope.json'"),
         ("--config.train", r"is a group, not a value"),
     ],
@@ -211,3 +211,27 @@ def test_prompt_iterator_resumes_exactly_and_covers_each_epoch():
         PromptIterator(prompts[:8], 3).restore(state)
     with pytest.raises(FairdiffError, match="prompts_per_step"):
         PromptIterator(prompts, 11)
+
+
+def test_unwired_keys_are_refused_where_they_would_be_read(model_dir):
+    from fairdiff_jax.config import refuse_unsupported_evaluation, refuse_unsupported_training
+
+    paper = load_config(config_path("gender_race.py"), [f"--config.model.path={model_dir}"])
+    with pytest.raises(FairdiffError, match="not supported yet") as info:
+        refuse_unsupported_training(paper)
+    message = str(info.value)
+    for key in ("loss.lambda_face=0.1", "loss.face_keep_confidence=0.8", "attributes.gender.factor2=0.2"):
+        assert key in message, message
+    assert "--config.loss.lambda_face=0.0" in message and "\n" not in message
+    off = [
+        "--config.loss.lambda_face=0",
+        "--config.loss.face_keep_confidence=0.9",
+        "--config.attributes.gender.factor2=1",
+        "--config.attributes.race.factor2=1",
+        f"--config.model.path={model_dir}",
+    ]
+    refuse_unsupported_training(load_config(config_path("gender_race.py"), off))  # nothing left to refuse
+    with pytest.raises(FairdiffError, match="eval_classifier is set, but scoring with a separate"):
+        refuse_unsupported_evaluation(
+            load_config(config_path("gender.py"), [f"--config.attributes.gender.eval_classifier={model_dir}", off[-1]])
+        )

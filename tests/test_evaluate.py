@@ -7,10 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from fairdiff_jax.evaluate import bias_metrics, evaluate, format_table
+from fairdiff_jax.evaluate import evaluate
+from fairdiff_jax.metrics import bias_metrics
+from fairdiff_jax.tables import format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_world import tiny_components, tiny_config, write_finished_run  # noqa: E402
+from train_world import tiny_config, tiny_run, write_finished_run  # noqa: E402
 
 
 def _record(gender, race, valid=None):
@@ -65,16 +67,16 @@ def eval_world(tiny_sd_path):
     cfg = tiny_config(
         tiny_sd_path, "--config.eval.images_per_prompt=6", "--config.sampler.eval_steps=3", "--config.eval.batch_size=8"
     )
-    return tiny_components(tiny_sd_path, cfg)
+    return tiny_run(tiny_sd_path, cfg), cfg
 
 
 def test_end_to_end_two_prompts(eval_world, tmp_path):
-    comp = eval_world
+    comp, cfg = eval_world
     comp.eval_prompts = {"test": ["a photo of a doctor", "a photo of a nurse"]}
     workdir = str(tmp_path / "run")
     write_finished_run(workdir, comp)  # an adaptor that changes the images
     out = str(tmp_path / "eval")
-    metrics = evaluate(comp.cfg, workdir, out, components=comp, progress=False)
+    metrics = evaluate(cfg, workdir, out, run=comp, progress=False)
     with open(os.path.join(out, "metrics.json")) as f:
         stored = json.load(f)
     assert set(stored) >= {"bias", "bias_std", "freq", "n_images"}
@@ -88,6 +90,6 @@ def test_end_to_end_two_prompts(eval_world, tmp_path):
 
     # resumable: a second run reads the stored images instead of generating them again
     mtime = os.path.getmtime(os.path.join(out, "original", "test", "prompt_0000.npz"))
-    again = evaluate(comp.cfg, workdir, out, components=comp, progress=False)
+    again = evaluate(cfg, workdir, out, run=comp, progress=False)
     assert os.path.getmtime(os.path.join(out, "original", "test", "prompt_0000.npz")) == mtime
     assert again["bias"] == metrics["bias"]

@@ -11,7 +11,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 torch = pytest.importorskip("torch", reason="export checks need the torch extra: pip install -e '.[torch]'")
@@ -20,6 +19,7 @@ pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft: pip
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from fairdiff_jax import adaptors as A  # noqa: E402
+from fairdiff_jax.checkpoints import Checkpointer  # noqa: E402
 from fairdiff_jax.cli import main as cli_main  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -58,15 +58,8 @@ def exported(tiny_sd, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     out = str(tmp_path_factory.mktemp("export"))
     A.write_adaptor_metadata(workdir, spec)
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-        manager.save(
-            3,
-            args=ocp.args.Composite(
-                adaptor=ocp.args.StandardSave(A.adaptor_checkpoint_item(A.AdaptorState(params=raw, ema=ema))),
-                opt_state=ocp.args.StandardSave({"count": jnp.asarray(3)}),
-            ),
-        )
-        manager.wait_until_finished()
+    with Checkpointer(workdir, save_every=3) as checkpointer:
+        checkpointer.save(3, {"params": raw, "ema": ema}, {"count": jnp.asarray(3)}, {"prompts": {}})
     assert cli_main(["export", "--workdir", workdir, "--out", out]) == 0
     return spec, ema, out
 

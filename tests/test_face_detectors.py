@@ -1,5 +1,5 @@
 """OpenCV face detection on real photographs: the largest face, no face -> invalid, inside jit, crops and classifiers
-that see the face, the config wiring through build_components, and invalid images left out of the bias metrics."""
+that see the face, the config wiring through build_run, and invalid images left out of the bias metrics."""
 
 from __future__ import annotations
 
@@ -186,12 +186,12 @@ def _faces_config(tiny_sd_path, folders, detector):
 def test_components_give_facial_attributes_the_detector_and_metrics_drop_faceless_images(
     tiny_sd_path, classifier_folders, astronaut, blank
 ):
-    from fairdiff_jax.components import build_components
-    from fairdiff_jax.evaluate import bias_metrics
+    from fairdiff_jax.metrics import bias_metrics
+    from fairdiff_jax.run import build_run
 
     images = jnp.asarray(np.stack([astronaut, blank, astronaut[:, ::-1], blank]))
-    comp = build_components(_faces_config(tiny_sd_path, classifier_folders, "haar"))
-    plain = build_components(_faces_config(tiny_sd_path, classifier_folders, "none"))  # today's behaviour
+    comp = build_run(_faces_config(tiny_sd_path, classifier_folders, "haar"))
+    plain = build_run(_faces_config(tiny_sd_path, classifier_folders, "none"))  # today's behaviour
     gender, gender_vars = load_classifier(classifier_folders["gender"], detector=OpenCVFaceDetector("haar"))
     age, age_vars = load_classifier(classifier_folders["age"])  # non-facial: whole image, no detector
 
@@ -201,7 +201,7 @@ def test_components_give_facial_attributes_the_detector_and_metrics_drop_faceles
         return comp.classifier(params, images), plain.classifier(plain_params, images)[1], reference
 
     (logits, valid), plain_valid, reference = run(
-        comp.classifier_params, plain.classifier_params, gender_vars, age_vars
+        comp.frozen["classifier"], plain.frozen["classifier"], gender_vars, age_vars
     )
     np.testing.assert_array_equal(np.asarray(valid), [True, False, True, False])
     np.testing.assert_allclose(logits["gender"], reference["gender"], atol=1e-5)
@@ -211,7 +211,7 @@ def test_components_give_facial_attributes_the_detector_and_metrics_drop_faceles
     # Faceless images carry the other class; the metrics must count the face images only (freq 1/0, bias 1).
     labels = {"gender": np.array([0, 1, 0, 1]), "age": np.array([1, 0, 1, 0])}
     record = {"prompt": "p", "labels": labels, "valid": np.asarray(valid)}
-    metrics = bias_metrics([record, record], comp.num_classes)
+    metrics = bias_metrics([record, record], comp.task.num_classes)
     assert metrics["n_valid"] == 4 and metrics["n_images"] == 8
     assert metrics["freq"]["gender"] == [1.0, 0.0] and metrics["bias"]["gender"] == pytest.approx(1.0)
 

@@ -12,23 +12,17 @@ import pytest
 from PIL import Image
 
 from fairdiff_jax import FairdiffError
+from fairdiff_jax.images import PALETTE, image_grid, save_image_grid
 from fairdiff_jax.metrics import (
-    PALETTE,
-    MetricsWriter,
-    NonFiniteGuard,
-    all_finite,
     bias_from_freq,
     bias_from_labels,
     class_frequencies,
-    compile_with_stats,
     fair_bias_floor,
-    image_grid,
     intersection_labels,
-    keep_if_finite,
-    progress_bar,
-    read_metrics,
-    save_image_grid,
 )
+from fairdiff_jax.reporting import MetricsWriter, compile_with_stats, progress_bar, read_metrics
+from fairdiff_jax.train import NonFiniteGuard
+from fairdiff_jax.train_step import all_finite, keep_if_finite
 
 
 def pairwise_bias_loop(freq):

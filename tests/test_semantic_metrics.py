@@ -16,7 +16,7 @@ from fairdiff_jax.evaluate import evaluate
 from fairdiff_jax.semantic_metrics import embed_results, load_semantic_scorer, semantic_metrics
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_world import tiny_components, tiny_config, write_finished_run  # noqa: E402
+from train_world import tiny_config, tiny_run, write_finished_run  # noqa: E402
 
 PROMPTS = ["a photo of a doctor", "a photo of the face of a nurse, a person", "a " * 30]
 
@@ -131,12 +131,12 @@ def test_evaluate_writes_clip_and_dino_metrics(tiny_sd_path, folders, tmp_path):
         f"--config.eval.clip_path={clip_path}",
         f"--config.eval.dino_path={dino_path}",
     )
-    comp = tiny_components(tiny_sd_path, cfg)
+    comp = tiny_run(tiny_sd_path, cfg)
     comp.eval_prompts = {"test": PROMPTS[:2]}
     workdir = str(tmp_path / "run")
     write_finished_run(workdir, comp)  # an adaptor that changes the images
     out = str(tmp_path / "eval")
-    evaluate(comp.cfg, workdir, out, components=comp, progress=False)
+    evaluate(cfg, workdir, out, run=comp, progress=False)
 
     with open(os.path.join(out, "metrics.json")) as f:
         stored = json.load(f)
@@ -169,15 +169,13 @@ def test_evaluate_writes_clip_and_dino_metrics(tiny_sd_path, folders, tmp_path):
     )
 
     # without the original model, CLIP-I / DINO come from the stored original images (or a named folder)
-    alone = evaluate(comp.cfg, workdir, out, include_original=False, components=comp, progress=False)
+    alone = evaluate(cfg, workdir, out, include_original=False, run=comp, progress=False)
     assert alone["clip_i"]["per_prompt"] == pytest.approx(stored["clip_i"]["per_prompt"], abs=1e-6)
     elsewhere = str(tmp_path / "elsewhere")
-    alone = evaluate(comp.cfg, workdir, elsewhere, include_original=False, components=comp, progress=False)
+    alone = evaluate(cfg, workdir, elsewhere, include_original=False, run=comp, progress=False)
     assert "clip_i" not in alone and "clip_t" in alone
     named = os.path.join(out, "original", "test")
-    alone = evaluate(
-        comp.cfg, workdir, elsewhere, include_original=False, original_images=named, components=comp, progress=False
-    )
+    alone = evaluate(cfg, workdir, elsewhere, include_original=False, original_images=named, run=comp, progress=False)
     assert alone["dino"]["per_prompt"] == pytest.approx(stored["dino"]["per_prompt"], abs=1e-6)
     with pytest.raises(FairdiffError, match="original-images"):
-        evaluate(comp.cfg, workdir, elsewhere, include_original=False, original_images=workdir, components=comp)
+        evaluate(cfg, workdir, elsewhere, include_original=False, original_images=workdir, run=comp)

@@ -69,31 +69,33 @@ def test_toy_tables_end_to_end(tiny_toy_world, tmp_path, monkeypatch, capsys):
     assert not os.path.exists(os.path.join(root, "gender+race_unet_lora_adjusted"))
 
     # a run that stopped before num_steps (SIGTERM) is not evaluated as if it were finished
-    from fairdiff_jax.components import build_components
     from fairdiff_jax.errors import FairdiffError
+    from fairdiff_jax.run import build_run
     from fairdiff_jax.toyworld.demo import adapted_model, demo_config
 
-    longer = build_components(demo_config("text_lora", ["gender"], TINY + ["--config.num_steps=3"]))
+    longer_cfg = demo_config("text_lora", ["gender"], TINY + ["--config.num_steps=3"])
     with pytest.raises(FairdiffError, match="stopped at step 2 of 3; run the same command again"):
-        adapted_model(longer, os.path.join(root, "gender_text_lora_exact", "train"))
+        adapted_model(build_run(longer_cfg), longer_cfg, os.path.join(root, "gender_text_lora_exact", "train"))
 
 
 def test_frozen_encoder_in_the_grown_soft_token_module_gives_the_base_output(tiny_toy_world, monkeypatch):
     import jax.numpy as jnp
     import numpy as np
 
-    from fairdiff_jax.components import build_components, embed, tokenize
+    from fairdiff_jax.generation import embed, tokenize
+    from fairdiff_jax.run import build_run
     from fairdiff_jax.toyworld.demo import demo_config
 
     monkeypatch.setenv("FAIRDIFF_TOY_WORLD", tiny_toy_world)
-    soft = build_components(demo_config("soft_tokens"))
-    plain = build_components(demo_config("text_lora"))
+    soft_run = build_run(demo_config("soft_tokens"))
+    plain_run = build_run(demo_config("text_lora"))
+    soft, plain = soft_run.pipeline, plain_run.pipeline
     prompts = ["a photo of a doctor", ""]
     ids = jnp.asarray(tokenize(plain, prompts, soft_tokens=False))
     assert soft.text_encoder.config.vocab_size == plain.text_encoder.config.vocab_size + 2  # grown by 2 tokens
     np.testing.assert_allclose(
-        np.asarray(embed(soft, soft.text_encoder_params, ids)),
-        np.asarray(embed(plain, plain.text_encoder_params, ids)),
+        np.asarray(embed(soft, soft_run.frozen["text_encoder"], ids)),
+        np.asarray(embed(plain, plain_run.frozen["text_encoder"], ids)),
         rtol=0,
         atol=0,
     )

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax import sampling
 from fairdiff_jax.attributes import MultiHeadConvNet
-from fairdiff_jax.components import Components, _adaptor_spec
 from fairdiff_jax.config import load_config
 from fairdiff_jax.models import load_stable_diffusion
+from fairdiff_jax.run import Run, assemble_run
+from fairdiff_jax.worlds import World
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy.py")
 PROMPTS = ["a photo of a doctor", "a photo of a nurse", "a photo of a pilot", "a photo of a chef"]
@@ -38,26 +38,28 @@ def tiny_config(sd_folder: str, *overrides: str):
             "--config.train.prompts_per_step=2",
             "--config.loss.num_ot_samples=8",
             "--config.train.lr=0.01",
+            "--config.data.prompts=()",  # the world's prompts (tiny_run)
             *overrides,
         ],
         validate=False,
     )
 
 
-def write_finished_run(workdir: str, comp: Components, shift: float = 0.3) -> None:
+def write_finished_run(workdir: str, run: Run, shift: float = 0.3) -> None:
     """A run folder holding one checkpoint (step 1) whose adaptor is the initial one + ``shift`` (so it changes
     the images), as ``fairdiff train`` would leave it; for evaluation tests."""
     from fairdiff_jax import adaptors
-    from fairdiff_jax.checkpointing import Checkpointer
+    from fairdiff_jax.checkpoints import Checkpointer
 
-    adaptors.write_adaptor_metadata(workdir, comp.spec)
-    params = adaptors.init_adaptor(jax.random.PRNGKey(0), comp.spec, comp.unet_params, comp.text_encoder_params)
+    adaptors.write_adaptor_metadata(workdir, run.spec)
+    params = adaptors.init_adaptor(jax.random.PRNGKey(0), run.spec, run.frozen["unet"], run.frozen["text_encoder"])
     params = jax.tree.map(lambda x: x + shift, params)
     with Checkpointer(workdir, save_every=1) as ckpt:
         ckpt.save(1, {"params": params, "ema": params}, {"count": np.zeros(())}, {"prompts": {}})
 
 
-def tiny_components(sd_folder: str, cfg) -> Components:
+def tiny_run(sd_folder: str, cfg) -> Run:
+    """The tiny SD folder as a world with a random 2-class CNN as the gender classifier and its logits as features."""
     sd = load_stable_diffusion(sd_folder, cache_dir=None)
     net = MultiHeadConvNet({"gender": 2})
     classifier_params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
@@ -68,29 +70,16 @@ def tiny_components(sd_folder: str, cfg) -> Components:
     def features(params, images):
         return net.apply({"params": params}, images)["gender"]
 
-    return Components(
-        cfg=cfg,
-        model_path=sd_folder,
-        unet=sd.unet,
-        unet_params=sd.unet_params,
-        text_encoder=sd.text_encoder,
-        text_encoder_params=sd.text_encoder_params,
-        tokenizer=sd.tokenizer,
-        vae=sd.vae,
-        vae_params=sd.vae_params,
-        vae_scaling_factor=sd.vae_scaling_factor,
-        schedule=sampling.make_schedule(sd.scheduler),
-        spec=_adaptor_spec(cfg, sd_folder, sd.unet_params, sd.text_encoder_params),
-        attributes=["gender"],
-        num_classes={"gender": 2},
-        targets={"gender": np.array([0.5, 0.5], np.float32)},
+    world = World(
+        model_folder=sd_folder,
+        components=(),
         classifier=classify,
         classifier_params=classifier_params,
-        feature_fns=[features],
-        feature_params=[classifier_params],
-        train_prompts=list(PROMPTS),
-        eval_prompts={"test": list(PROMPTS)},
+        feature_fns=(features,),
+        feature_params=(classifier_params,),
+        prompts={"train": list(PROMPTS), "test": list(PROMPTS)},
     )
+    return assemble_run(cfg, sd, world)
 
 
 if __name__ == "__main__":
@@ -104,4 +93,4 @@ if __name__ == "__main__":
     cfg = tiny_config(
         folder, f"--config.num_steps={steps}", "--config.checkpoint_every=1", "--config.keep_checkpoints=10"
     )
-    train(cfg, workdir, components=tiny_components(folder, cfg), progress=False)
+    train(cfg, workdir, run=tiny_run(folder, cfg), progress=False)

@@ -1,26 +1,8 @@
-"""Adaptors as parameter transforms (LoRA, soft tokens), their EMA, storage and diffusers export."""
+"""Adaptors: what one is (``spec``), LoRA and soft tokens as parameter transforms (``transform``, ``lora``,
+``soft_tokens``), their EMA and the diffusers export (``export``). Run checkpoints and exported Flax adaptors are
+stored by ``fairdiff_jax.checkpoints``."""
 
-from fairdiff_jax.adaptors.checkpoint import (
-    AdaptorSpec,
-    adaptor_checkpoint_item,
-    apply_adaptor,
-    base_fingerprint,
-    check_base_model,
-    init_adaptor,
-    load_flax_adaptor,
-    make_adaptor_spec,
-    read_adaptor_metadata,
-    restore_adaptor_item,
-    save_flax_adaptor,
-    write_adaptor_metadata,
-)
-from fairdiff_jax.adaptors.ema import (
-    PAPER_EMA_DECAY,
-    AdaptorState,
-    ema_update,
-    init_adaptor_state,
-    update_adaptor_state,
-)
+from fairdiff_jax.adaptors.ema import PAPER_EMA_DECAY, ema_update
 from fairdiff_jax.adaptors.lora import (
     DEFAULT_TARGETS,
     TEXT_ENCODER_TARGETS,
@@ -41,16 +23,26 @@ from fairdiff_jax.adaptors.soft_tokens import (
     prompt_ids,
     soft_token_names,
 )
+from fairdiff_jax.adaptors.spec import (
+    ADAPTOR_KINDS,
+    AdaptorSpec,
+    base_fingerprint,
+    check_base_model,
+    make_adaptor_spec,
+    read_adaptor_metadata,
+    spec_for_kind,
+    write_adaptor_metadata,
+)
+from fairdiff_jax.adaptors.transform import apply_adaptor, init_adaptor
 
 __all__ = [
+    "ADAPTOR_KINDS",
     "DEFAULT_TARGETS",
     "DEFAULT_TOKEN",
     "PAPER_EMA_DECAY",
     "TEXT_ENCODER_TARGETS",
     "UNET_TARGETS",
     "AdaptorSpec",
-    "AdaptorState",
-    "adaptor_checkpoint_item",
     "add_soft_tokens",
     "apply_adaptor",
     "apply_lora",
@@ -62,18 +54,14 @@ __all__ = [
     "find_lora_targets",
     "grow_text_encoder",
     "init_adaptor",
-    "init_adaptor_state",
     "init_lora",
     "init_soft_tokens",
-    "load_flax_adaptor",
     "lora_delta",
     "lora_scale",
     "make_adaptor_spec",
     "prompt_ids",
     "read_adaptor_metadata",
-    "restore_adaptor_item",
-    "save_flax_adaptor",
     "soft_token_names",
-    "update_adaptor_state",
+    "spec_for_kind",
     "write_adaptor_metadata",
 ]

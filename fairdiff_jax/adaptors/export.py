@@ -1,4 +1,5 @@
-"""Export an adaptor in the formats PyTorch diffusers loads, and the ``fairdiff export`` command.
+"""Export an adaptor in the formats PyTorch diffusers loads (``fairdiff export`` parses its arguments in
+``fairdiff_jax/cli``).
 
 - ``pytorch_lora_weights.safetensors``: PEFT key names (``unet.<module>.lora_A.weight`` [r, in],
   ``lora_B.weight`` [out, r]; ``text_encoder.<module>...``). No ``.alpha`` keys: diffusers then sets PEFT's
@@ -11,15 +12,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from fairdiff_jax.adaptors import checkpoint as ckpt
 from fairdiff_jax.adaptors.lora import lora_modules
+from fairdiff_jax.adaptors.spec import METADATA_FILE, AdaptorSpec, read_adaptor_metadata
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.models.convert import pt_module_name
 from fairdiff_jax.models.safetensors_io import write_safetensors
@@ -74,41 +74,28 @@ def export_textual_inversion(soft_embeddings, token: str, out_path: str) -> str:
     return path
 
 
-def export_adaptor(spec: ckpt.AdaptorSpec, params: Mapping, out_dir: str) -> list[str]:
+def export_adaptor(spec: AdaptorSpec, params: Mapping, out_dir: str) -> list[str]:
     """Write every format of one adaptor's parameters into ``out_dir``; returns the written paths."""
     written = []
     if params.get("lora"):
         written.append(export_peft_lora(params["lora"], out_dir, scale=spec.lora_scale))
     if "soft_tokens" in params:
         written.append(export_textual_inversion(params["soft_tokens"], spec.soft_token, out_dir))
-    written.append(os.path.join(out_dir, ckpt.METADATA_FILE))
-    written.append(ckpt.save_flax_adaptor(out_dir, spec, params))
+    written.append(os.path.join(out_dir, METADATA_FILE))
+    from fairdiff_jax.checkpoints import save_flax_adaptor
+
+    written.append(save_flax_adaptor(out_dir, spec, params))
     return written
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fairdiff export",
-        description="Export a trained adaptor (EMA weights by default) for PyTorch diffusers and Flax.",
-    )
-    parser.add_argument("--workdir", required=True, help="training workdir (holds adaptor.json and checkpoints/)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--no-ema", action="store_true", help="export the raw parameters instead of their EMA")
-    return parser
+def export_run(workdir: str, out_dir: str, *, step: int | None = None, use_ema: bool = True):
+    """Export the adaptor of a training run (EMA by default, newest step unless given); returns
+    ``(spec, step, written paths)``."""
+    from fairdiff_jax.checkpoints import restore_adaptor_item
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fairdiff export --workdir DIR --out OUT [--step N] [--no-ema]``; returns the exit code."""
-    args = build_parser().parse_args(list(argv or []))
-    if not os.path.isdir(args.workdir):
-        raise FairdiffError(f"workdir {args.workdir} does not exist; pass the --workdir used for 'fairdiff train'.")
-    spec = ckpt.read_adaptor_metadata(args.workdir)
-    step, item = ckpt.restore_adaptor_item(args.workdir, args.step)
-    params = item["params"] if args.no_ema else item["ema"]
-    written = export_adaptor(spec, params, args.out)
-    which = "raw parameters" if args.no_ema else f"EMA (decay {spec.ema_decay})"
-    print(f"exported step {step} ({which}) of {args.workdir} to {args.out}:")
-    for path in written:
-        print(f"  {path}")
-    return 0
+    if not os.path.isdir(workdir):
+        raise FairdiffError(f"workdir {workdir} does not exist; pass the --workdir used for 'fairdiff train'.")
+    spec = read_adaptor_metadata(workdir)
+    found_step, item = restore_adaptor_item(workdir, step)
+    written = export_adaptor(spec, item["ema"] if use_ema else item["params"], out_dir)
+    return spec, found_step, written

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from fairdiff_jax.alignment.targets import dynamic_targets, validate_target
 from fairdiff_jax.errors import FairdiffError
+from fairdiff_jax.parallel import all_gather_group, own_slice
 
 
 class AlignmentOutput(NamedTuple):
@@ -71,17 +72,16 @@ def distributional_alignment(
     valid = jnp.asarray(valid, bool)
     local_n = valid.shape[0]
     if axis_name is not None:
-        probs = [jax.lax.all_gather(p, axis_name, axis=0, tiled=True) for p in probs]
-        valid_all = jax.lax.all_gather(valid, axis_name, axis=0, tiled=True)
+        probs = [all_gather_group(p, axis_name=axis_name) for p in probs]
+        valid_all = all_gather_group(valid, axis_name=axis_name)
     else:
         valid_all = valid
     labels, conf = dynamic_targets(
         probs, [checked[n] for n in names], valid=valid_all, num_samples=num_samples, confidence=confidence, key=key
     )
     if axis_name is not None:
-        start = jax.lax.axis_index(axis_name) * local_n
-        labels = [jax.lax.dynamic_slice_in_dim(x, start, local_n) for x in labels]
-        conf = [jax.lax.dynamic_slice_in_dim(x, start, local_n) for x in conf]
+        labels = [own_slice(x, local_n, axis_name=axis_name) for x in labels]
+        conf = [own_slice(x, local_n, axis_name=axis_name) for x in conf]
     loss = sum(alignment_cross_entropy(logits[n], lab) for n, lab in zip(names, labels))
     return AlignmentOutput(loss, dict(zip(names, labels)), dict(zip(names, conf)))
 

@@ -38,6 +38,10 @@ _CACHE_FORMAT = "1"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+# Weight dtypes a config may name (model.dtype).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 @dataclasses.dataclass
 class SchedulerSettings:
     """The training noise schedule of the model (from ``scheduler/scheduler_config.json``)."""

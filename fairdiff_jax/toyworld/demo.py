@@ -1,14 +1,15 @@
-"""``fairdiff demo``: the whole method on the embedded toy world, on a laptop CPU, nothing downloaded.
+"""The demo: the whole method on the embedded toy world, on a laptop CPU, nothing downloaded.
 
 Builds (or reuses) the toy world, measures the base model's bias with M images per prompt, debiases it with
 the paper's method (adjusted DFT + distributional alignment; U-Net LoRA by default, see demo_config.py), evaluates again
 on the debiased and the held-out occupations, and writes ``DIR/report/``: ``metrics.json`` (``before`` and
 ``after`` sections in the DESIGN.md §3 format), ``report.md``, image grids with attribute bars, and plots.
+It calls the library's public functions (``build_run``, ``train``, ``generate_prompt_set``); ``fairdiff demo``
+parses its arguments in ``demo_cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -18,23 +19,25 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fairdiff_jax import adaptors
-from fairdiff_jax.components import Components, build_components
-from fairdiff_jax.config import load_config, split_overrides
+from fairdiff_jax.adaptors.transform import apply_adaptor
+from fairdiff_jax.checkpoints import restore_adaptor_item
+from fairdiff_jax.config import load_config
 from fairdiff_jax.errors import FairdiffError
-from fairdiff_jax.evaluate import bias_metrics, generate_prompt_set
-from fairdiff_jax.logs import setup_logging
-from fairdiff_jax.metrics import read_metrics, save_image_grid
+from fairdiff_jax.evaluate import EvalSettings, generate_prompt_set
+from fairdiff_jax.images import save_image_grid
+from fairdiff_jax.metrics import bias_metrics
 from fairdiff_jax.models.loader import cache_root
+from fairdiff_jax.reporting import read_metrics
+from fairdiff_jax.run import Run, build_run
 from fairdiff_jax.toyworld import plots
+from fairdiff_jax.train import train
 
 log = logging.getLogger(__name__)
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_config.py")
-ADAPTORS = ("text_lora", "unet_lora", "both", "soft_tokens")
 GRID_ZOOM = 6
 
 
-def cue_accuracy(comp: Components, results: Sequence[dict]) -> float:
+def cue_accuracy(run: Run, results: Sequence[dict]) -> float:
     """Share of images whose occupation cue (read by the toy cue classifier) matches the prompt's."""
     from fairdiff_jax.toyworld import classifiers, world
 
@@ -42,18 +45,21 @@ def cue_accuracy(comp: Components, results: Sequence[dict]) -> float:
     for record in results:
         occupation = record["prompt"].split("a photo of a ", 1)[-1]
         images = record["images"].astype(np.float32) / 127.5 - 1.0
-        predicted = classifiers.predict({"cue": comp.classifier_params["cue"]}, images)["occupation"]
+        predicted = classifiers.predict({"cue": run.frozen["classifier"]["cue"]}, images)["occupation"]
         correct += int(np.sum(predicted == world.occupation_index(occupation)))
         total += len(predicted)
     return correct / max(total, 1)
 
 
-def measure(comp: Components, unet_params, te_params, out_dir: str, *, soft_tokens: bool, progress: bool) -> dict:
+def measure(
+    run: Run, settings: EvalSettings, unet_params, te_params, out_dir: str, *, soft_tokens: bool, progress: bool
+) -> dict:
     """Bias metrics and cue accuracy on the debiased and the held-out occupations."""
     section = {}
-    for split, prompts in comp.eval_prompts.items():
+    for split, prompts in run.eval_prompts.items():
         results = generate_prompt_set(
-            comp,
+            run,
+            settings,
             unet_params,
             te_params,
             prompts,
@@ -61,15 +67,16 @@ def measure(comp: Components, unet_params, te_params, out_dir: str, *, soft_toke
             soft_tokens=soft_tokens,
             progress=progress,
         )
-        metrics = bias_metrics(results, comp.num_classes)
-        metrics["cue_accuracy"] = cue_accuracy(comp, results)
+        metrics = bias_metrics(results, run.task.num_classes)
+        metrics["cue_accuracy"] = cue_accuracy(run, results)
         metrics["per_prompt_freq"] = {
             r["prompt"]: {
-                a: np.bincount(r["labels"][a][r["valid"]], minlength=k).tolist() for a, k in comp.num_classes.items()
+                a: np.bincount(r["labels"][a][r["valid"]], minlength=k).tolist()
+                for a, k in run.task.num_classes.items()
             }
             for r in results
         }
-        metrics["target_distance"] = target_distance(metrics["per_prompt_freq"], comp.targets)
+        metrics["target_distance"] = target_distance(metrics["per_prompt_freq"], run.task.targets)
         section[split] = (metrics, results)
     return section
 
@@ -118,18 +125,18 @@ def base_eval_dir(cfg, world_folder: str) -> str:
     return os.path.join(cache_root(), "toy_base_eval", digest.hexdigest()[:16])
 
 
-def adapted_model(comp: Components, train_dir: str):
+def adapted_model(run: Run, cfg, train_dir: str):
     """(U-Net params, text-encoder params) of the base model with the EMA adaptor saved in ``train_dir``.
 
     Refuses an unfinished run (stopped by SIGTERM before ``num_steps``): evaluating it would report a partly
     trained adaptor as the result, and its images would be reused after the run is resumed."""
-    step, item = adaptors.restore_adaptor_item(train_dir)
-    total = int(comp.cfg.num_steps)
+    step, item = restore_adaptor_item(train_dir)
+    total = int(cfg.num_steps)
     if step < total:
         raise FairdiffError(
             f"training in {train_dir} stopped at step {step} of {total}; run the same command again to resume it"
         )
-    return adaptors.apply_adaptor(comp.spec, item["ema"], comp.unet_params, comp.text_encoder_params)
+    return apply_adaptor(run.spec, item["ema"], run.frozen["unet"], run.frozen["text_encoder"])
 
 
 def demo_config(adaptor: str = "unet_lora", attributes: Sequence[str] = ("gender",), overrides: Sequence[str] = ()):
@@ -148,27 +155,28 @@ def run_demo(
     """Run the demo in ``workdir``; returns the report's metrics dict."""
     started = time.perf_counter()
     cfg = demo_config(adaptor, attributes, overrides)
-    comp = build_components(cfg)
+    run = build_run(cfg)
+    settings = EvalSettings.from_config(cfg)
     report_dir = os.path.join(workdir, "report")
     os.makedirs(report_dir, exist_ok=True)
     timings = {"setup_seconds": time.perf_counter() - started}
 
-    before_dir = base_eval_dir(cfg, comp.model_path)
+    before_dir = base_eval_dir(cfg, run.model_folder)
     log.info("base model's evaluation: %s (reused when present)", before_dir)
-    before = measure(comp, comp.unet_params, comp.text_encoder_params, before_dir, soft_tokens=False, progress=progress)
+    frozen = run.frozen
+    before = measure(
+        run, settings, frozen["unet"], frozen["text_encoder"], before_dir, soft_tokens=False, progress=progress
+    )
     timings["before_seconds"] = time.perf_counter() - started - timings["setup_seconds"]
 
-    from fairdiff_jax.train import train
-
     mark = time.perf_counter()
-    train(cfg, os.path.join(workdir, "train"), components=comp, progress=progress)
+    train(cfg, os.path.join(workdir, "train"), run=run, progress=progress)
     timings["train_seconds"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    unet_params, te_params = adapted_model(comp, os.path.join(workdir, "train"))
-    after = measure(
-        comp, unet_params, te_params, os.path.join(workdir, "eval", "after"), soft_tokens=True, progress=progress
-    )
+    unet_params, te_params = adapted_model(run, cfg, os.path.join(workdir, "train"))
+    after_dir = os.path.join(workdir, "eval", "after")
+    after = measure(run, settings, unet_params, te_params, after_dir, soft_tokens=True, progress=progress)
     timings["after_seconds"] = time.perf_counter() - mark
     timings["total_seconds"] = time.perf_counter() - started
 
@@ -177,7 +185,7 @@ def run_demo(
         "after_per_prompt": {split: after[split][0]["per_prompt_freq"] for split in after},
         "before": _summary(before),
         "after": _summary(after),
-        "targets": {name: [float(t) for t in cfg.attributes[name].target] for name in comp.attributes},
+        "targets": {name: [float(t) for t in cfg.attributes[name].target] for name in run.task.attributes},
         "adaptor": adaptor,
         "images_per_prompt": int(cfg.eval.images_per_prompt),
         "train_steps": int(cfg.num_steps),
@@ -190,54 +198,14 @@ def run_demo(
             results = section[split][1][:4]
             images = np.concatenate([r["images"][:16] for r in results]).astype(np.float32) / 127.5 - 1.0
             images = images.repeat(GRID_ZOOM, axis=1).repeat(GRID_ZOOM, axis=2)  # 8x8 pixels are too small to see
-            labels = {a: np.concatenate([r["labels"][a][:16] for r in results]) for a in comp.attributes}
+            labels = {a: np.concatenate([r["labels"][a][:16] for r in results]) for a in run.task.attributes}
             save_image_grid(images, os.path.join(report_dir, f"grid_{split}_{tag}.png"), 16, labels)
     plots.training_curves(
-        read_metrics(os.path.join(workdir, "train")), comp.attributes, os.path.join(report_dir, "training_curves.png")
+        read_metrics(os.path.join(workdir, "train")),
+        run.task.attributes,
+        os.path.join(report_dir, "training_curves.png"),
     )
-    plots.frequency_bars(metrics, comp.attributes, os.path.join(report_dir, "frequencies.png"))
+    plots.frequency_bars(metrics, run.task.attributes, os.path.join(report_dir, "frequencies.png"))
     with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write(plots.markdown_report(metrics, comp.attributes))
+        f.write(plots.markdown_report(metrics, run.task.attributes))
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    pairs, rest = split_overrides(list(argv or []))
-    parser = argparse.ArgumentParser(prog="fairdiff demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="where the run and its report/ are written")
-    parser.add_argument(
-        "--adaptor",
-        default="unet_lora",
-        choices=ADAPTORS,
-        help="what to finetune (default unet_lora: on the toy world it reaches the target where the text-encoder "
-        "LoRA stalls; text_lora is the paper's default)",
-    )
-    parser.add_argument(
-        "--attributes",
-        default="gender",
-        help="attributes to debias, joined by '+': gender, race, age (e.g. gender+race); targets are uniform "
-        "unless set with --config.attributes.NAME.target='(0.3, 0.7)'",
-    )
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(rest)
-    setup_logging()
-    metrics = run_demo(
-        args.workdir,
-        args.adaptor,
-        [f"--config.{k}={v}" for k, v in pairs],
-        attributes=[a for a in args.attributes.split("+") if a],
-        progress=not args.no_progress,
-    )
-    before, after = metrics["before"], metrics["after"]
-    for name in metrics["targets"]:
-        print(
-            f"{name}: bias {before['bias'][name]:.3f} -> {after['bias'][name]:.3f} "
-            f"(floor {after['bias_floor'][name]:.3f}); held-out {before['held_out']['bias'][name]:.3f} -> "
-            f"{after['held_out']['bias'][name]:.3f}; distance to target {before['target_distance'][name]:.3f} -> "
-            f"{after['target_distance'][name]:.3f}"
-        )
-    print(
-        f"cue accuracy {before['cue_accuracy']:.3f} -> {after['cue_accuracy']:.3f}; report: "
-        f"{os.path.join(args.workdir, 'report', 'report.md')}"
-    )
-    return 0

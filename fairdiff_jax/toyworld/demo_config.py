@@ -1,11 +1,13 @@
 """The toy-world config (``configs/toy.py`` re-exports it; it lives in the package so ``fairdiff demo`` works
-from any install). ``model.path`` / ``data.prompts`` = "toy" make the run use the embedded world's model,
-classifiers and occupations. ARG picks the adaptor: ``unet_lora`` (default), ``text_lora``, ``both`` or
-``soft_tokens``, optionally followed by the attributes to debias: ``unet_lora,gender+race`` (default gender;
-targets uniform, change them with ``--config.attributes.NAME.target``).
+from any install). ``model.world = "toy"`` builds the run on the embedded world's model, classifiers and
+occupations (``model.path`` empty = the shipped build; ``data.prompts`` empty = the world's occupations). ARG
+picks the adaptor and the attributes to debias: ``unet_lora`` (default), ``text_lora``, ``both`` or
+``soft_tokens``, then e.g. ``,gender+race`` (default gender; targets uniform, change them with
+``--config.attributes.NAME.target``); ``adaptor=...,attributes=...`` works too.
 """
 
-from fairdiff_jax.config import TOY_MODEL_PATH, TOY_PROMPTS, adaptor_from_arg, attribute, base_config
+from fairdiff_jax.adaptors.spec import ADAPTOR_KINDS
+from fairdiff_jax.config import attribute, base_config, parse_config_arg
 from fairdiff_jax.errors import FairdiffError
 
 TOY_ATTRIBUTES = ("gender", "race", "age")
@@ -19,21 +21,25 @@ DEFAULT_ADAPTOR = "unet_lora"
 
 def parse_arg(arg: str | None) -> tuple[str, tuple[str, ...]]:
     """``"ADAPTOR[,ATTR+ATTR...]"`` -> (adaptor kind, attribute names)."""
-    kind, _, attrs = (arg or "").partition(",")
-    names = tuple(a for a in attrs.split("+") if a) or ("gender",)
+    switches = parse_config_arg(arg, "toy.py", adaptor=DEFAULT_ADAPTOR, attributes="gender")
+    kind = switches.adaptor
+    if kind not in ADAPTOR_KINDS:
+        raise FairdiffError(f"configs/toy.py:{kind} names an unknown adaptor; choose one of {', '.join(ADAPTOR_KINDS)}")
+    names = tuple(a for a in switches.attributes.split("+") if a) or ("gender",)
     unknown = [a for a in names if a not in TOY_ATTRIBUTES]
     if unknown or len(set(names)) != len(names):
         raise FairdiffError(
             f"toy attributes '{'+'.join(names)}': each must be one of {', '.join(TOY_ATTRIBUTES)}, at most once, "
             "joined by '+' (e.g. --attributes gender+race, or configs/toy.py:unet_lora,gender+race)"
         )
-    return adaptor_from_arg(kind or DEFAULT_ADAPTOR, "toy.py"), names
+    return kind, names
 
 
 def get_config(arg=None):
     kind, names = parse_arg(arg)
     config = base_config()
-    config.model.path = TOY_MODEL_PATH
+    config.model.world = "toy"
+    config.model.path = ""  # the shipped world (or $FAIRDIFF_TOY_WORLD)
     config.model.dtype = "float32"
     config.adaptor.kind = kind
     config.adaptor.rank = 4
@@ -51,7 +57,7 @@ def get_config(arg=None):
     config.loss.lambda_img = 8.0  # the paper's λ_img; 1.0 debiased faster but lost the cue (0.96 -> 0.77)
     config.loss.lambda_face = 0.0
     config.loss.num_ot_samples = 20
-    config.data.prompts = (TOY_PROMPTS,)
+    config.data.prompts = ()  # the world's occupations: train on 8, evaluate on those and 4 held out
     config.train.images_per_prompt = 8
     config.train.prompts_per_step = 2
     config.train.lr = 1e-2

@@ -1,10 +1,12 @@
-"""Orbax checkpoints of a training run: ``DIR/checkpoints/<step>/{adaptor,opt_state,meta}``.
+"""Everything a run keeps on disk through orbax: ``DIR/checkpoints/<step>/{adaptor,opt_state,meta}`` and exported
+Flax adaptors (``OUT/flax_adaptor``).
 
-Items: ``adaptor`` = ``{"params": ..., "ema": ...}`` (read by the exporter under exactly this name),
-``opt_state`` (the optax state of the adaptor) and ``meta`` (JSON: step, RNG key data, prompt-iterator
-state, anything else the loop wants back). Saves every ``save_every`` steps (or when forced, e.g. on
-SIGTERM), keeps the last ``keep`` checkpoints, restores the newest readable one onto the devices that exist
-now, and falls back to older checkpoints, with a warning, when the newest cannot be read.
+One manager definition (:func:`checkpoint_manager`) and one set of item names (:data:`ITEMS`): ``adaptor`` =
+``{"params": ..., "ema": ...}``, ``opt_state`` (the optax state of the adaptor) and ``meta`` (JSON: step,
+prompt-iterator state, skipped updates). The train loop saves every ``save_every`` steps (or when forced, e.g. on
+SIGTERM), keeps the last ``keep``, restores the newest readable checkpoint onto the devices that exist now and
+falls back to older ones, with a warning, when the newest cannot be read; evaluation and export read the adaptor
+item alone (:func:`restore_adaptor_item`).
 """
 
 from __future__ import annotations
@@ -12,79 +14,43 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fairdiff_jax.adaptors.spec import AdaptorSpec, check_base_model, read_adaptor_metadata, write_adaptor_metadata
 from fairdiff_jax.errors import FairdiffError
 
+CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("adaptor", "opt_state", "meta")
+ADAPTOR_ITEM = "adaptor"
+FLAX_ADAPTOR_DIR = "flax_adaptor"
 _log = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------------------------------ RNG keys in meta
+def checkpoint_dir(workdir: str) -> str:
+    """The folder of a run's checkpoints."""
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
-def key_to_meta(key: jax.Array) -> dict:
-    """JSON-serialisable form of a PRNG key (typed ``jax.random.key`` or raw ``uint32`` ``PRNGKey``)."""
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        impl = str(jax.random.key_impl(key))
-        return {"data": np.asarray(jax.random.key_data(key)).tolist(), "impl": impl, "typed": True}
-    return {"data": np.asarray(key).tolist(), "impl": None, "typed": False}
-
-
-def key_from_meta(entry: dict) -> jax.Array:
-    """Inverse of ``key_to_meta``."""
-    data = np.asarray(entry["data"], dtype=np.uint32)
-    if entry.get("typed"):
-        return jax.random.wrap_key_data(data, impl=entry["impl"])
-    return jax.numpy.asarray(data)
-
-
-# ---------------------------------------------------------------------------------------- pre-emption
-
-
-class PreemptionFlag:
-    """Sets ``requested`` when the process gets SIGTERM (pre-emption), so the loop can save and stop.
-
-    Use as a context manager around the loop; the previous handler comes back on exit. With several
-    processes, ``any_requested()`` agrees across hosts so that all of them save the same step.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
-        self.signals = signals
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        _log.warning("received signal %d: will save a checkpoint and stop after this step", signum)
-        self.requested = True
-
-    def __enter__(self) -> PreemptionFlag:
-        for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def any_requested(self) -> bool:
-        """True when any process got the signal (a collective when there are several processes)."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested, dtype=np.int32))
-        return bool(np.asarray(flags).any())
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_manager(workdir: str, *, keep: int | None = None, async_save: bool = False) -> ocp.CheckpointManager:
+    """The orbax manager of ``workdir/checkpoints`` with the run's items (the only place one is opened)."""
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=1,  # the interval is decided by Checkpointer.save, so step 1 is not saved implicitly
+        max_to_keep=keep,
+        create=keep is not None,
+        enable_async_checkpointing=async_save,
+    )
+    handlers = {
+        "adaptor": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -120,15 +86,9 @@ class Checkpointer:
     def __init__(self, workdir: str, *, save_every: int, keep: int = 3, async_save: bool = True):
         if keep < 1 or save_every < 1:
             raise FairdiffError(f"keep_checkpoints={keep} and checkpoint_every={save_every} must both be >= 1")
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = checkpoint_dir(workdir)
         self.save_every = int(save_every)
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=1,  # the interval is decided in save(), so step 1 is not saved implicitly
-            max_to_keep=keep,
-            create=True,
-            enable_async_checkpointing=async_save,
-        )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = checkpoint_manager(workdir, keep=keep, async_save=async_save)
 
     # -- saving
     def save(self, step: int, adaptor: Any, opt_state: Any, meta: dict, *, force: bool = False) -> bool:
@@ -240,3 +200,87 @@ class Checkpointer:
             f"no readable checkpoint in {self.directory} ({'; '.join(errors)}); delete the broken step folders "
             "or start a new --workdir"
         )
+
+
+def _single_device_target(metadata_tree: Any) -> Any:
+    device = jax.local_devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), metadata_tree
+    )
+
+
+def _restore_item(manager, steps: list[int], step: int | None, directory: str) -> tuple[int, Any]:
+    if not steps:
+        raise FairdiffError(f"{directory} holds no finished checkpoint; train longer or check the workdir.")
+    step = max(steps) if step is None else int(step)
+    if step not in steps:
+        raise FairdiffError(f"no checkpoint for step {step} in {directory}; available steps: {sorted(steps)}.")
+    try:
+        metadata = manager.item_metadata(step)[ADAPTOR_ITEM]
+        tree = getattr(metadata, "tree", metadata)
+        restored = manager.restore(
+            step, args=ocp.args.Composite(**{ADAPTOR_ITEM: ocp.args.StandardRestore(_single_device_target(tree))})
+        )[ADAPTOR_ITEM]
+    except Exception as err:
+        raise FairdiffError(
+            f"cannot restore the '{ADAPTOR_ITEM}' item of checkpoint step {step} in {directory} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); the checkpoint is corrupt or was not written by "
+            "fairdiff train — pick another --step."
+        ) from err
+    return step, restored
+
+
+class _SkipUnrestoredItemWarnings(logging.Filter):
+    """Drop orbax's warning that the run's other items (optimizer state, meta) were left unread: by design here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "could not be restored" not in record.getMessage()
+
+
+def restore_adaptor_item(workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """``(step, {"params", "ema"})`` from ``workdir/checkpoints`` (latest step unless given), on one device."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FairdiffError(f"{directory} does not exist; train first ('fairdiff train --workdir {workdir}').")
+    try:
+        manager = checkpoint_manager(workdir)
+        steps = list(manager.all_steps())
+    except Exception as err:  # orbax raises many types for unreadable folders
+        raise FairdiffError(f"cannot read checkpoints in {directory}: {err}") from err
+    quiet = _SkipUnrestoredItemWarnings()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        step, restored = _restore_item(manager, steps, step, directory)
+    finally:
+        manager.close()
+        logging.getLogger("absl").removeFilter(quiet)
+    if not isinstance(restored, Mapping) or not {"params", "ema"} <= set(restored):
+        raise FairdiffError(f"checkpoint step {step} in {directory} has no adaptor params/ema; not a fairdiff run.")
+    return step, dict(restored)
+
+
+def save_flax_adaptor(directory: str, spec: AdaptorSpec, params: Mapping) -> str:
+    """Write ``directory/adaptor.json`` and the parameters as an orbax checkpoint ``directory/flax_adaptor``."""
+    write_adaptor_metadata(directory, spec)
+    path = os.path.join(os.path.abspath(directory), FLAX_ADAPTOR_DIR)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, jax.device_get(dict(params)), force=True)
+    return path
+
+
+def load_flax_adaptor(
+    directory: str, unet_params: Mapping | None = None, text_encoder_params: Mapping | None = None
+) -> tuple[AdaptorSpec, dict]:
+    """``(spec, params)`` saved by :func:`save_flax_adaptor`; checked against the base weights when given."""
+    spec = read_adaptor_metadata(directory)
+    if unet_params is not None or text_encoder_params is not None:
+        check_base_model(spec, unet_params, text_encoder_params)
+    path = os.path.join(os.path.abspath(directory), FLAX_ADAPTOR_DIR)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            target = _single_device_target(checkpointer.metadata(path).item_metadata.tree)
+            params = checkpointer.restore(path, target)
+    except Exception as err:
+        raise FairdiffError(f"cannot read the Flax adaptor {path}: {err}; re-export it.") from err
+    return spec, dict(params)

@@ -1,0 +1,58 @@
+"""Adaptors as pure parameter transforms: the initial trainable tree of a spec, and the frozen weights with it
+applied (LoRA deltas added, soft-token rows appended). Trainable parameters are one pytree
+``{"lora": {"unet": ..., "text_encoder": ...}, "soft_tokens": [n, d]}`` (only the parts the spec uses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from fairdiff_jax.adaptors import lora as lora_lib
+from fairdiff_jax.adaptors import soft_tokens as soft_lib
+from fairdiff_jax.adaptors.spec import AdaptorSpec, _mismatch, _shapes_digest, _weights_of
+
+
+def init_adaptor(
+    key: jax.Array, spec: AdaptorSpec, unet_params: Mapping | None, text_encoder_params: Mapping | None
+) -> dict:
+    """Initial trainable parameters ``{"lora": {component: tree}, "soft_tokens": [n, d]}`` for ``spec``."""
+    trees = {"unet": unet_params, "text_encoder": text_encoder_params}
+    lora_key, soft_key = jax.random.split(key)
+    params: dict = {}
+    if spec.lora_rank:
+        keys = jax.random.split(lora_key, len(spec.lora_targets))
+        params["lora"] = {
+            component: lora_lib.init_lora(k, trees[component], patterns, spec.lora_rank)
+            for k, (component, patterns) in zip(keys, sorted(spec.lora_targets.items()))
+        }
+    if spec.num_soft_tokens:
+        table_rows = soft_lib.token_embedding(text_encoder_params).shape[0]
+        params["soft_tokens"] = soft_lib.init_soft_tokens(
+            soft_key, text_encoder_params, spec.num_soft_tokens, exclude_ids=[table_rows - 2, table_rows - 1]
+        )
+    return params
+
+
+def apply_adaptor(
+    spec: AdaptorSpec, adaptor_params: Mapping, unet_params: Mapping | None, text_encoder_params: Mapping | None
+) -> tuple[Any, Any]:
+    """``(unet_params, text_encoder_params)`` with LoRA deltas added and soft-token rows appended.
+
+    Pure (jit/grad over ``adaptor_params``). Checks the base model's layer shapes against the spec's
+    fingerprint (values are checked by :func:`check_base_model`, which needs concrete arrays). With soft
+    tokens, run the text encoder returned by ``soft_tokens.grow_text_encoder(text_encoder, n)``.
+    """
+    if (
+        spec.fingerprint
+        and _shapes_digest(_weights_of(spec, unet_params, text_encoder_params)) != (spec.fingerprint["shapes_sha256"])
+    ):
+        raise _mismatch(spec, "different layer shapes")
+    trees = {"unet": unet_params, "text_encoder": text_encoder_params}
+    for component, lora_tree in adaptor_params.get("lora", {}).items():
+        trees[component] = lora_lib.apply_lora(trees[component], lora_tree, scale=spec.lora_scale)
+    if "soft_tokens" in adaptor_params:
+        trees["text_encoder"] = soft_lib.apply_soft_tokens(trees["text_encoder"], adaptor_params["soft_tokens"])
+    return trees["unet"], trees["text_encoder"]

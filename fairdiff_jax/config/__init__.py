@@ -1,0 +1,48 @@
+"""Experiment configs: the schema (``schema``), loading with ``--config.*`` overrides (``loading``), checks
+(``validate``)."""
+
+from fairdiff_jax.config.loading import (
+    apply_override,
+    config_from_argv,
+    leaf_keys,
+    load_config,
+    parse_value,
+    split_overrides,
+    write_resolved_config,
+)
+from fairdiff_jax.config.schema import (
+    CLASSES,
+    DEFAULT_WORLD,
+    adaptor_from_arg,
+    attribute,
+    attribute_names,
+    base_config,
+    parse_config_arg,
+)
+from fairdiff_jax.config.validate import (
+    refuse_unsupported_evaluation,
+    refuse_unsupported_training,
+    validate_config,
+    validate_target,
+)
+
+__all__ = [
+    "CLASSES",
+    "DEFAULT_WORLD",
+    "adaptor_from_arg",
+    "apply_override",
+    "attribute",
+    "attribute_names",
+    "base_config",
+    "config_from_argv",
+    "leaf_keys",
+    "load_config",
+    "parse_config_arg",
+    "parse_value",
+    "refuse_unsupported_evaluation",
+    "refuse_unsupported_training",
+    "split_overrides",
+    "validate_config",
+    "validate_target",
+    "write_resolved_config",
+]

@@ -1,0 +1,162 @@
+"""The config schema: every key a run may set, with the paper's common settings (PAPER.md) as defaults.
+
+Config files follow big_vision: a Python file with ``get_config(arg=None) -> ConfigDict`` built on
+:func:`base_config` and :func:`attribute`, so every experiment has the same keys. ``arg`` switches several
+fields at once; :func:`parse_config_arg` is its one syntax (``unet_lora``, ``unet_lora,gender+race`` or
+``adaptor=unet_lora,attributes=gender+race``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ml_collections import ConfigDict
+
+from fairdiff_jax.errors import FairdiffError
+
+# Class names in class order (PAPER.md encodings).
+CLASSES = {
+    "gender": ("female", "male"),
+    "race": ("WMELH", "Black", "Indian", "Asian"),
+    "age": ("young", "old"),
+}
+DEFAULT_WORLD = "stable_diffusion"
+
+
+def attribute(
+    name: str,
+    target: Sequence[float] | None = None,
+    *,
+    factor1: float = 0.2,
+    factor2: float = 1.0,
+    classifier: str = "",
+    eval_classifier: str = "",
+    facial: bool = True,
+    classes: Sequence[str] | None = None,
+) -> ConfigDict:
+    """One ``attributes.<name>`` entry; ``target`` defaults to uniform over the classes.
+
+    ``factor2`` (the face-box damping of L_img's gradient) defaults to 1 = no damping, what the train step does
+    until the face terms are wired; the paper configs carry the paper's values and are refused at train time
+    until then (``config.refuse_unsupported``).
+    """
+    classes = tuple(classes if classes is not None else CLASSES[name])
+    target = tuple(float(t) for t in target) if target is not None else tuple(1.0 / len(classes) for _ in classes)
+    return ConfigDict(
+        {
+            "classes": classes,
+            "target": target,
+            "factor1": float(factor1),
+            "factor2": float(factor2),
+            "classifier": classifier,
+            "eval_classifier": eval_classifier,
+            "facial": bool(facial),
+        }
+    )
+
+
+def parse_config_arg(arg: str | None, config_name: str, **defaults: str) -> ConfigDict:
+    """A config file's ``:ARG`` as a ConfigDict of strings over the keys of ``defaults`` (in order).
+
+    ``"a,b"`` gives the values positionally, ``"k=v,k=v"`` by name; missing keys keep their default.
+    """
+    values = dict(defaults)
+    names = list(defaults)
+    for position, part in enumerate(p for p in (arg or "").split(",") if p):
+        key, eq, value = part.partition("=")
+        if not eq:
+            if position >= len(names):
+                raise FairdiffError(
+                    f"configs/{config_name}:{arg} has too many values; it takes {', '.join(names)} (e.g. "
+                    f"{config_name}:{','.join(str(v) for v in defaults.values())})"
+                )
+            key, value = names[position], part
+        if key not in values:
+            raise FairdiffError(f"configs/{config_name}:{arg}: unknown switch '{key}'; it takes {', '.join(names)}")
+        values[key] = value
+    return ConfigDict(values)
+
+
+def adaptor_from_arg(arg: str | None, config_name: str) -> str:
+    """The adaptor kind chosen by a paper config's ``:ARG`` (default ``text_lora``)."""
+    from fairdiff_jax.adaptors.spec import ADAPTOR_KINDS
+
+    kind = parse_config_arg(arg, config_name, adaptor="text_lora").adaptor
+    if kind not in ADAPTOR_KINDS:
+        raise FairdiffError(
+            f"configs/{config_name}:{kind} names an unknown adaptor; choose one of {', '.join(ADAPTOR_KINDS)}"
+        )
+    return kind
+
+
+def base_config() -> ConfigDict:
+    """Every key a config may set, with the paper's common settings (PAPER.md, "Common") as defaults."""
+    c = ConfigDict()
+    # world: which model family builds the run (fairdiff_jax.worlds; plug-ins register more names);
+    # path: its model folder (a diffusers-format SD folder); variant: diffusers weight-file variant ("" or "fp16").
+    c.model = ConfigDict(
+        {"world": DEFAULT_WORLD, "path": "models/stable-diffusion-v1-5", "dtype": "bfloat16", "variant": ""}
+    )
+    c.adaptor = ConfigDict({"kind": "text_lora", "rank": 50, "alpha": 50.0, "num_tokens": 5, "ema_decay": 0.996})
+    c.sampler = ConfigDict(
+        {
+            "solver": "dpmpp_2m",
+            "guidance_scale": 7.5,
+            "train_steps": (19, 23),  # inclusive range; one count is drawn per iteration
+            "eval_steps": 25,
+            "gradient_mode": "adjusted",
+            "remat_policy": "full",
+            "unroll": 1,  # sampling steps per lax.scan iteration; >= the step count unrolls fully (faster, more memory)
+        }
+    )
+    c.attributes = ConfigDict()
+    # The face-realism terms (lambda_face, face_keep_confidence, face_embedder_path, face_reference_path) are not
+    # wired yet: lambda_face = 0 is off, and any other value of the four is refused at train time.
+    c.loss = ConfigDict(
+        {
+            "lambda_img": 8.0,
+            "lambda_face": 0.0,
+            "confidence": 0.8,
+            "face_keep_confidence": 0.9,
+            "num_ot_samples": 100,
+            "clip_path": "",
+            "dino_path": "",
+            "face_embedder_path": "",
+            "face_reference_path": "",
+        }
+    )
+    # prompt sources (see prompts.py); empty = the world's own prompt splits
+    c.data = ConfigDict({"prompts": ("occupations",), "template": ""})
+    c.train = ConfigDict(
+        {
+            "images_per_prompt": 24,
+            "prompts_per_step": 1,
+            "lr": 5e-5,
+            "weight_decay": 1e-2,
+            "betas": (0.9, 0.999),
+            "microbatch": 0,  # images per gradient micro-batch; 0 = all at once
+            # "constant" (the paper) or "cosine": decay from lr to lr * final_lr_fraction over num_steps
+            "lr_schedule": "constant",
+            "final_lr_fraction": 0.1,
+        }
+    )
+    # clip_path / dino_path: evaluation encoders for CLIP-T / CLIP-I / DINO (separate from loss.*; "" = not computed)
+    c.eval = ConfigDict({"images_per_prompt": 60, "seed": 2022, "batch_size": 32, "clip_path": "", "dino_path": ""})
+    c.num_steps = 10_000
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.log_every = 10
+    c.sample_every = 200
+    c.seed = 0
+    c.parallel = ConfigDict({"mode": "shard_map", "distributed": False})
+    # Largest-face detection for facial attributes (fairdiff_jax/attributes/detectors.py): "none" = the whole image
+    # is the face; "haar" = OpenCV's bundled cascade; "yunet" = OpenCV YuNet from the ONNX file model_path.
+    c.faces = ConfigDict(
+        {"detector": "none", "model_path": "", "min_face_size": 32, "score_threshold": 0.6, "min_neighbors": 5}
+    )
+    return c
+
+
+def attribute_names(cfg: ConfigDict) -> list[str]:
+    """Attribute names in the canonical order every module uses (sorted; ConfigDict's own order)."""
+    return sorted(cfg.attributes.keys())

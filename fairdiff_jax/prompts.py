@@ -1,8 +1,8 @@
 """Prompt sets and a deterministic, checkpointable prompt iterator.
 
 A prompt source is a package prompt set by name (``"occupations"``, see ``fairdiff_jax/data/prompts/``), a
-JSON file, or a text file with one prompt per line. JSON files are either a plain list of prompts or use
-the paper authors' schema::
+JSON file, or a text file with one prompt per line. JSON files are either a plain list of prompts or one of
+the paper authors' two schemas (their ``data/1-prompts/*.json``). ``occupation.json``::
 
     {"prompt_templates_train": ["... {occupation} ..."], "occupations_train_set": [...],
      "prompt_templates_test": ["... {occupation} ..."], "occupations_val_set": [...],
@@ -10,7 +10,12 @@ the paper authors' schema::
 
 Train prompts are every train template filled with every train item (templates outer), validation prompts
 the test templates with the validation items; test prompts are given in full. A template has exactly one
-named field (``{occupation}``, ``{sport}``, ...).
+named field (``{occupation}``, ``{sport}``, ...). ``occupation_w_style_and_context.json``,
+``personal_descriptor.json`` and ``sports.json`` list full prompts::
+
+    {"train_prompts": [...], "val_prompts": [...], "test_prompts": [...]}
+
+(the keys their ``exp-5 .../1-main-debias.py`` and ``gen-images.py`` read).
 """
 
 from __future__ import annotations
@@ -84,6 +89,19 @@ def _unique(items) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _full_prompt_lists(data: dict, where: str, template: str) -> PromptSet:
+    """The authors' ``{"train_prompts", "val_prompts", "test_prompts"}`` files (prompts given in full)."""
+    if template:
+        raise FairdiffError(
+            f"{where} lists full prompts (train_prompts / val_prompts) and has no templates to replace; "
+            "leave the prompt template empty for it"
+        )
+    train, val, test = (_unique(_strings(data, f"{split}_prompts", where)) for split in SPLITS)
+    if not train:
+        raise FairdiffError(f"{where} yields no training prompts; fill 'train_prompts'")
+    return PromptSet(train=train, val=val, test=test)
+
+
 def parse_prompt_data(data, where: str = "prompt data", template: str = "") -> PromptSet:
     """Build a ``PromptSet`` from loaded JSON (authors' schema or a list of strings).
 
@@ -95,6 +113,8 @@ def parse_prompt_data(data, where: str = "prompt data", template: str = "") -> P
         return PromptSet(train=prompts, val=prompts, test=prompts)
     if not isinstance(data, dict):
         raise FairdiffError(f"{where} must hold a JSON list of prompts or an object with 'prompt_templates_train'")
+    if "prompt_templates_train" not in data and ("train_prompts" in data or "val_prompts" in data):
+        return _full_prompt_lists(data, where, template)
     train_templates = [template] if template else _strings(data, "prompt_templates_train", where)
     test_templates = [template] if template else _strings(data, "prompt_templates_test", where)
     train = _unique(

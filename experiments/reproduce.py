@@ -9,6 +9,11 @@ Each row's run lives in ``ROOT/<config>``; a finished run is reused (training re
 checkpoint, evaluation reuses stored images). Extra ``--config.*`` overrides apply to every run. ``--clip`` /
 ``--dino`` are the training loss's encoders; ``--eval-clip`` / ``--eval-dino`` the evaluation's (CLIP-T, CLIP-I,
 DINO). Those columns are filled only when evaluation encoders are given; otherwise they show "—".
+
+``--official DIR`` adds the paper authors' released adaptors, one folder per row imported with ``fairdiff import``
+(``DIR/gender`` from their exp-1, ``DIR/race`` exp-6, ``DIR/gender_race`` exp-3, ``DIR/gender_race_age`` exp-4,
+``DIR/multi_concept`` exp-5), evaluated with the same config, prompts and noise as ours into
+``ROOT/<row>/eval_authors``; ``--official-only`` evaluates the original model and those adaptors without training.
 """
 
 from __future__ import annotations
@@ -60,31 +65,41 @@ def _cell(metrics: dict, column: str) -> str:
     return f"{metrics['bias'][column]:.2f}±{metrics['bias_std'][column]:.2f}"
 
 
-def run_row(
-    config: str,
-    workdir: str,
-    overrides: Sequence[str],
-    classifiers: dict[str, str],
-    *,
-    train_steps: int | None,
-    prompt_set: str | None,
-):
-    """Train (resume) the run in ``workdir`` and evaluate the original and the debiased model."""
+def row_configs(config: str, overrides: Sequence[str], classifiers: dict[str, str], *, train_steps, prompt_set):
+    """``(train config, evaluation config)`` of one row (the evaluation's prompts are ``prompt_set`` when given)."""
     from fairdiff_jax.config import attribute_names, load_config
-    from fairdiff_jax.evaluate import evaluate
-    from fairdiff_jax.train import train
 
-    names = attribute_names(load_config(os.path.join(ROOT, "configs", config), validate=False))
+    path = os.path.join(ROOT, "configs", config)
+    names = attribute_names(load_config(path, validate=False))
     extra = list(overrides) + [
         f"--config.attributes.{a}.classifier={classifiers[a]}" for a in names if a in classifiers
     ]
     extra += [f"--config.num_steps={train_steps}"] if train_steps else []
-    cfg = load_config(os.path.join(ROOT, "configs", config), extra)
-    train(cfg, workdir)
-    if prompt_set:
-        cfg = load_config(os.path.join(ROOT, "configs", config), extra + [f"--config.data.prompts={prompt_set}"])
-    out = os.path.join(workdir, "eval" if not prompt_set else f"eval_{prompt_set}")
-    return evaluate(cfg, workdir, out)
+    train_cfg = load_config(path, extra)
+    eval_cfg = load_config(path, extra + [f"--config.data.prompts={prompt_set}"]) if prompt_set else train_cfg
+    return train_cfg, eval_cfg
+
+
+def run_row(train_cfg, eval_cfg, workdir: str, out: str):
+    """Train (resume) the run in ``workdir`` and evaluate the original and the debiased model into ``out``."""
+    from fairdiff_jax.evaluate import evaluate
+    from fairdiff_jax.train import train
+
+    train(train_cfg, workdir)
+    return evaluate(eval_cfg, workdir, out)
+
+
+def authors_row(eval_cfg, adaptor_dir: str, out: str, ours: dict | None):
+    """Evaluate the authors' imported adaptor ``adaptor_dir`` into ``out``; CLIP-I / DINO against the original
+    model's images of our evaluation ``ours`` when given, else the original model is evaluated here too."""
+    from fairdiff_jax.evaluate import evaluate
+
+    originals = None if ours is None else os.path.join(ours["out"], "original", ours["metrics"]["split"])
+    return evaluate(eval_cfg, None, out, adaptor=adaptor_dir, include_original=ours is None, original_images=originals)
+
+
+def _line(label: str, metrics: dict, columns: Sequence[str]) -> str:
+    return f"| {label} | " + " | ".join(_cell(metrics, c) for c in columns) + " |"
 
 
 def reproduce(
@@ -95,31 +110,49 @@ def reproduce(
     *,
     train_steps: int | None = None,
     rows: Sequence[str] | None = None,
+    official: str | None = None,
+    official_only: bool = False,
 ) -> str:
-    """Run one table and return it as markdown (ours, with the paper's numbers beside it)."""
+    """Run one table and return it as markdown: ours, the authors' adaptors (``official``), the paper's numbers."""
     with open(PAPER, encoding="utf-8") as f:
         paper = json.load(f)[f"table{table}"]
+    if official_only and not official:
+        raise SystemExit("--official-only needs --official DIR (the authors' imported adaptors)")
     columns = COLUMNS[table]
     lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    original_done = set()
+    notes, original_done = [], set()
     for name, config, prompt_sets in TABLES[table]:
         if rows and name not in rows:
             continue
+        authors_dir = os.path.join(official, name) if official else None
+        if authors_dir and not os.path.isfile(os.path.join(authors_dir, "adaptor.json")):
+            notes.append(f"no authors' adaptor for '{name}' (import it into {authors_dir} with 'fairdiff import')")
+            authors_dir = None
+        if official_only and authors_dir is None:
+            continue
         for prompt_set in prompt_sets or (None,):
-            metrics = run_row(
-                config, os.path.join(root, name), overrides, classifiers, train_steps=train_steps, prompt_set=prompt_set
+            train_cfg, eval_cfg = row_configs(
+                config, overrides, classifiers, train_steps=train_steps, prompt_set=prompt_set
             )
+            suffix = f"_{prompt_set}" if prompt_set else ""
             label = f"{prompt_set}: " if prompt_set else ""
-            models = metrics["models"]
+            ours = theirs = None
+            if not official_only:
+                out = os.path.join(root, name, "eval" + suffix)
+                ours = {"out": out, "metrics": run_row(train_cfg, eval_cfg, os.path.join(root, name), out)}
+            if authors_dir:
+                theirs = authors_row(eval_cfg, authors_dir, os.path.join(root, name, "eval_authors" + suffix), ours)
             if label not in original_done:
-                lines.append(
-                    f"| {label}original (ours) | " + " | ".join(_cell(models["original"], c) for c in columns) + " |"
-                )
+                original = (ours["metrics"] if ours else theirs)["models"]["original"]
+                lines.append(_line(f"{label}original (ours)", original, columns))
                 original_done.add(label)
-            debiased = [m for m in models if m != "original"][0]
-            lines.append(f"| {label}{name} (ours) | " + " | ".join(_cell(models[debiased], c) for c in columns) + " |")
+            for who, metrics in (("ours", ours and ours["metrics"]), ("authors", theirs)):
+                if metrics:
+                    adapted = [m for m in metrics["models"] if m != "original"][0]
+                    lines.append(_line(f"{label}{name} ({who})", metrics["models"][adapted], columns))
     lines += ["", "Paper (" + ", ".join(paper["columns"]) + "):", ""]
     lines += [f"| {row} | " + " | ".join(values) + " |" for row, values in paper["rows"].items()]
+    lines += ([""] + [f"Note: {note}." for note in notes]) if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-dino", default="", help="local DINOv2 folder for the DINO column")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the paper's)")
     parser.add_argument("--rows", nargs="*", default=None, help="only these rows (e.g. gender)")
+    parser.add_argument(
+        "--official",
+        default=None,
+        metavar="DIR",
+        help="folder of the authors' adaptors imported with 'fairdiff import', one per row (DIR/gender, ...)",
+    )
+    parser.add_argument(
+        "--official-only", action="store_true", help="evaluate only the original model and the authors' adaptors"
+    )
     args = parser.parse_args(rest)
     enable_compilation_cache()
     overrides = [
@@ -157,7 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     classifiers = dict(item.partition("=")[::2] for item in args.classifier)
     overrides += [f"--config.{k}={v}" for k, v in pairs]
-    table = reproduce(args.table, args.root, overrides, classifiers, train_steps=args.steps, rows=args.rows)
+    table = reproduce(
+        args.table,
+        args.root,
+        overrides,
+        classifiers,
+        train_steps=args.steps,
+        rows=args.rows,
+        official=args.official,
+        official_only=args.official_only,
+    )
     os.makedirs(args.root, exist_ok=True)
     with open(os.path.join(args.root, f"table{args.table}.md"), "w", encoding="utf-8") as f:
         f.write(table)

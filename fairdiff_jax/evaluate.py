@@ -1,7 +1,8 @@
 """Evaluation: fixed-noise generation per test prompt, attribute frequencies and bias, tables and grids.
 
 :func:`evaluate` generates ``eval.images_per_prompt`` images per test prompt from reproducible noise with the
-original model and with the trained adaptor (EMA weights by default), classifies them, and writes
+original model and with the trained adaptor (EMA weights by default) or an exported / imported adaptor folder,
+classifies them, and writes
 ``OUT/metrics.json`` (DESIGN.md §3), ``OUT/table.md`` (the layout of the paper's Table 1) and image grids with a
 colour bar per attribute under every image. Generation is resumable: each prompt's images are stored as they are
 made and are not generated again. With evaluation encoders (``eval.clip_path``, ``eval.dino_path``) it also
@@ -24,7 +25,7 @@ import numpy as np
 from fairdiff_jax import parallel
 from fairdiff_jax.adaptors.spec import check_base_model, read_adaptor_metadata
 from fairdiff_jax.adaptors.transform import apply_adaptor
-from fairdiff_jax.checkpoints import restore_adaptor_item
+from fairdiff_jax.checkpoints import load_flax_adaptor, restore_adaptor_item
 from fairdiff_jax.config import refuse_unsupported_evaluation
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.eval_store import load_prompt_set, prompt_file, read_stored_prompt, store_prompt_record
@@ -122,6 +123,28 @@ def adapted_weights(run: Run, workdir: str, step: int | None = None, *, use_ema:
     return found_step, unet_params, te_params
 
 
+def folder_weights(run: Run, adaptor_dir: str):
+    """``(unet_params, te_params)``: the base weights with the adaptor of an exported or imported folder."""
+    from fairdiff_jax.adaptors.authors import read_provenance
+
+    spec, params = load_flax_adaptor(adaptor_dir, run.frozen["unet"], run.frozen["text_encoder"])
+    layout = (spec.num_soft_tokens, spec.soft_token if spec.num_soft_tokens else None)
+    if layout != (run.pipeline.num_soft_tokens, run.pipeline.soft_token if run.pipeline.num_soft_tokens else None):
+        raise FairdiffError(
+            f"the adaptor in {adaptor_dir} has {spec.num_soft_tokens} soft token(s) but the run's pipeline was built "
+            f"for {run.pipeline.num_soft_tokens}; build the run with build_run(cfg, adaptor_spec) of that folder."
+        )
+    context = (read_provenance(adaptor_dir) or {}).get("prompt_context", {})
+    if context.get("padding") == "prompt_length":
+        log.warning(
+            "%s was trained on prompts padded to their own length with the attention mask (the authors' context); "
+            "this evaluation pads prompts to %d tokens, so its numbers may differ slightly from the authors'",
+            adaptor_dir,
+            run.pipeline.max_length,
+        )
+    return apply_adaptor(spec, params, run.frozen["unet"], run.frozen["text_encoder"])
+
+
 def evaluate(
     cfg,
     workdir: str | None,
@@ -132,17 +155,21 @@ def evaluate(
     include_original: bool = True,
     split: str | None = None,
     original_images: str | None = None,
+    adaptor: str | None = None,
     run: Run | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate the original model and/or the adaptor trained in ``workdir``; returns the metrics dict.
+    """Evaluate the original model and/or an adaptor: the one trained in ``workdir``, or the exported or imported
+    adaptor folder ``adaptor`` (``fairdiff export`` / ``fairdiff import``); returns the metrics dict.
 
     With ``eval.clip_path`` / ``eval.dino_path`` set, every model also gets CLIP-T, and each adapted model CLIP-I /
     DINO against the original model's images: those generated here, else the per-prompt files in
     ``original_images`` (default ``OUT/original/SPLIT`` when it holds every prompt).
     """
     refuse_unsupported_evaluation(cfg)
-    run = run or build_run(cfg)
+    if workdir is not None and adaptor is not None:
+        raise FairdiffError("give --workdir (a training run) or --adaptor (an adaptor folder), not both")
+    run = run or build_run(cfg, read_adaptor_metadata(adaptor) if adaptor is not None else None)
     settings = EvalSettings.from_config(cfg)
     split = split or next(iter(run.eval_prompts))
     if split not in run.eval_prompts:
@@ -154,8 +181,12 @@ def evaluate(
     if workdir is not None:
         found_step, unet_params, te_params = adapted_weights(run, workdir, step, use_ema=use_ema)
         models[f"debiased (step {found_step})"] = (unet_params, te_params, True)
+    if adaptor is not None:
+        models[f"adaptor ({os.path.basename(os.path.normpath(adaptor))})"] = (*folder_weights(run, adaptor), True)
     if not models:
-        raise FairdiffError("nothing to evaluate: give --workdir with a trained adaptor, or include the original model")
+        raise FairdiffError(
+            "nothing to evaluate: give --workdir with a trained adaptor or --adaptor DIR, or include the original model"
+        )
     scorer = load_semantic_scorer(cfg.eval.clip_path, cfg.eval.dino_path, batch_size=settings.batch_size)
     report, embeddings = {}, {}
     for name, (unet_params, te_params, soft) in models.items():

@@ -90,9 +90,13 @@ def _prompts(cfg: ConfigDict, world: World) -> tuple[list[str], dict[str, list[s
     return list(world.prompts["train"]), evals
 
 
-def assemble_run(cfg: ConfigDict, sd, world: World) -> Run:
-    """A :class:`Run` from loaded SD components ``sd`` (``models.load_stable_diffusion``) and a :class:`World`."""
-    spec = adaptor_spec_from_config(cfg, world.model_folder, sd.unet_params, sd.text_encoder_params)
+def assemble_run(cfg: ConfigDict, sd, world: World, adaptor_spec: AdaptorSpec | None = None) -> Run:
+    """A :class:`Run` from loaded SD components ``sd`` (``models.load_stable_diffusion``) and a :class:`World`.
+
+    ``adaptor_spec`` (an exported or imported adaptor folder's) replaces ``config.adaptor``'s spec, so the
+    pipeline carries that adaptor's soft tokens.
+    """
+    spec = adaptor_spec or adaptor_spec_from_config(cfg, world.model_folder, sd.unet_params, sd.text_encoder_params)
     tokenizer, text_encoder = sd.tokenizer, sd.text_encoder
     if spec.num_soft_tokens:
         vocab_rows = soft_lib.token_embedding(sd.text_encoder_params).shape[0]
@@ -129,8 +133,8 @@ def assemble_run(cfg: ConfigDict, sd, world: World) -> Run:
     )
 
 
-def build_run(cfg: ConfigDict) -> Run:
-    """Load and assemble the frozen side of the run described by ``cfg``."""
+def build_run(cfg: ConfigDict, adaptor_spec: AdaptorSpec | None = None) -> Run:
+    """Load and assemble the frozen side of the run described by ``cfg`` (see :func:`assemble_run`)."""
     Task.from_config(cfg)  # a config without attributes fails before anything is loaded
     world = build_world(cfg)
     sd = load_stable_diffusion(
@@ -139,4 +143,4 @@ def build_run(cfg: ConfigDict) -> Run:
         components=world.components,
         variant=cfg.model.variant or None,
     )
-    return assemble_run(cfg, sd, world)
+    return assemble_run(cfg, sd, world, adaptor_spec)

@@ -22,9 +22,11 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E40
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from fairdiff_jax import adaptors as A  # noqa: E402
-from fairdiff_jax import import_adaptor  # noqa: E402
 from fairdiff_jax.adaptors import authors  # noqa: E402
 from fairdiff_jax.adaptors.torch_pickle import load_torch_state_dict  # noqa: E402
+from fairdiff_jax.checkpoints import load_flax_adaptor  # noqa: E402
+from fairdiff_jax.cli import import_adaptor  # noqa: E402
+from fairdiff_jax.cli import main as cli_main  # noqa: E402
 from fairdiff_jax.errors import FairdiffError  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -127,9 +129,9 @@ def imported(tiny_sd_path, authors_files, tmp_path_factory):
         patch.setenv("FAIRDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
         args = ["--base", tiny_sd_path, "--kind", "text_lora", "--source", authors_files["text_lora"][0]]
         args += ["--kind", "unet_lora", "--source", authors_files["unet_lora"][0], "--out", lora_out]
-        assert import_adaptor.main(args) == 0
+        assert cli_main(["import", *args]) == 0
         args = ["--base", tiny_sd_path, "--kind", "soft_tokens", "--source", authors_files["soft_tokens"][0]]
-        assert import_adaptor.main(args + ["--out", soft_out]) == 0
+        assert cli_main(["import", *args, "--out", soft_out]) == 0
     return lora_out, soft_out
 
 
@@ -261,7 +263,7 @@ def test_import_writes_the_export_layout(imported, tiny_sd_path):
 
 def test_text_lora_matches_the_authors_loader_and_diffusers(tiny_sd, tiny_sd_path, imported, reference_text_hidden):
     lora_out, _ = imported
-    spec, params = A.load_flax_adaptor(lora_out, tiny_sd.unet_params, tiny_sd.text_encoder_params)
+    spec, params = load_flax_adaptor(lora_out, tiny_sd.unet_params, tiny_sd.text_encoder_params)
     _, text_params = A.apply_adaptor(spec, params, tiny_sd.unet_params, tiny_sd.text_encoder_params)
     ids = A.prompt_ids(tiny_sd.tokenizer, PROMPTS + [""])
     reference = reference_text_hidden(ids)
@@ -281,7 +283,7 @@ def test_unet_lora_matches_the_authors_loader_and_diffusers(
     tiny_sd, tiny_sd_path, imported, reference_unet_eps, unet_inputs
 ):
     lora_out, _ = imported
-    spec, params = A.load_flax_adaptor(lora_out, tiny_sd.unet_params, tiny_sd.text_encoder_params)
+    spec, params = load_flax_adaptor(lora_out, tiny_sd.unet_params, tiny_sd.text_encoder_params)
     unet_params, _ = A.apply_adaptor(spec, params, tiny_sd.unet_params, tiny_sd.text_encoder_params)
     sample, timesteps, context = (jnp.asarray(x) for x in unet_inputs)
     ours = np.asarray(tiny_sd.unet.apply({"params": unet_params}, sample, timesteps, context).sample)
@@ -302,7 +304,7 @@ def test_soft_tokens_match_the_authors_loader_and_diffusers(
     _, soft_out = imported
     text_encoder, _ = torch_base
     ids, reference = _authors_soft_token_reference(tiny_sd_path, text_encoder, authors_files["soft_tokens"][1], prompt)
-    spec, params = A.load_flax_adaptor(soft_out, tiny_sd.unet_params, tiny_sd.text_encoder_params)
+    spec, params = load_flax_adaptor(soft_out, tiny_sd.unet_params, tiny_sd.text_encoder_params)
     vocab = A.soft_tokens.token_embedding(tiny_sd.text_encoder_params).shape[0]
     tokenizer, _ = A.add_soft_tokens(tiny_sd.tokenizer, NUM_TOKENS, spec.soft_token, vocab_size=vocab)
     ours_ids = A.conditional_prompt_ids(tokenizer, [prompt], spec.soft_token, NUM_TOKENS, max_length=ids.shape[1])
@@ -388,7 +390,7 @@ def test_the_command_refuses_a_wrong_base_and_a_full_out_folder(tiny_sd_path, au
     with pytest.raises(FairdiffError, match="only replaces adaptors"):
         import_adaptor.main(args + ["--out", str(tmp_path / "full"), "--overwrite"])
     assert (tmp_path / "full" / "notes.txt").exists()
-    with pytest.raises(FairdiffError, match="one --kind before each --source"):
+    with pytest.raises(FairdiffError, match="one --kind per --source"):
         import_adaptor.main(["--kind", "soft_tokens", "--base", tiny_sd_path, "--out", str(tmp_path / "o")])
 
 
@@ -396,3 +398,17 @@ def _tiny_text_config():
     from fairdiff_jax.models.tiny import TINY_TEXT_ENCODER
 
     return dict(TINY_TEXT_ENCODER)
+
+
+def test_the_command_prints_one_line_for_a_file_that_runs_code(tiny_sd_path, tmp_path, capsys):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'code_ran'}",))
+
+    path = str(tmp_path / "text_encoder_lora_EMA.pth")
+    torch.save({"text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight": RunsCode()}, path)
+    args = ["import", "--kind", "text_lora", "--source", path, "--base", tiny_sd_path, "--out", str(tmp_path / "o")]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fairdiff import: error: ") and "posix.system" in err and "\n" not in err
+    assert not (tmp_path / "code_ran").exists() and not (tmp_path / "o").exists()

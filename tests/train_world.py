@@ -58,8 +58,9 @@ def write_finished_run(workdir: str, run: Run, shift: float = 0.3) -> None:
         ckpt.save(1, {"params": params, "ema": params}, {"count": np.zeros(())}, {"prompts": {}})
 
 
-def tiny_run(sd_folder: str, cfg) -> Run:
-    """The tiny SD folder as a world with a random 2-class CNN as the gender classifier and its logits as features."""
+def tiny_run(sd_folder: str, cfg, adaptor_spec=None) -> Run:
+    """The tiny SD folder as a world with a random 2-class CNN as the gender classifier and its logits as features
+    (``adaptor_spec``: an adaptor folder's spec instead of ``config.adaptor``'s)."""
     sd = load_stable_diffusion(sd_folder, cache_dir=None)
     net = MultiHeadConvNet({"gender": 2})
     classifier_params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
@@ -79,7 +80,7 @@ def tiny_run(sd_folder: str, cfg) -> Run:
         feature_params=(classifier_params,),
         prompts={"train": list(PROMPTS), "test": list(PROMPTS)},
     )
-    return assemble_run(cfg, sd, world)
+    return assemble_run(cfg, sd, world, adaptor_spec)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,20 @@ shape is checked against the base model and any unknown, missing or mis-shaped k
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
-from fairdiff_jax.adaptors import checkpoint as ckpt
 from fairdiff_jax.adaptors import lora as lora_lib
 from fairdiff_jax.adaptors import soft_tokens as soft_lib
+from fairdiff_jax.adaptors.export import export_adaptor
+from fairdiff_jax.adaptors.spec import METADATA_FILE, AdaptorSpec, make_adaptor_spec
+from fairdiff_jax.adaptors.torch_pickle import load_torch_state_dict
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.models.convert import pt_module_name
 
@@ -42,6 +48,13 @@ AUTHORS_FILES = {
 # our Flax projection name -> the LoRAAttnProcessor attribute that holds its factors
 _PROCESSOR_NAMES = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out_0": "to_out_lora"}
 _SOFT_TOKEN_KEYS = ("token_embedding.weight", "position_embedding.weight", "position_ids")
+PROVENANCE_FILE = "imported.json"
+# how the authors' training and gen-images.py build the text context (the prompt-context item of issue #13)
+AUTHORS_PROMPT_CONTEXT = {
+    "padding": "prompt_length",  # tokenizer(..., padding=True): padded to the prompt's own length, not 77
+    "attention_mask": True,  # the mask is passed to the text encoder
+    "soft_tokens_prefix": "no_space",  # "<common-token1>...<common-token5>" + prompt
+}
 
 
 def authors_token_names(num_tokens: int) -> list[str]:
@@ -183,7 +196,7 @@ def authors_adaptor(
     *,
     base_model: str,
     soft_token: str = soft_lib.DEFAULT_TOKEN,
-) -> tuple[ckpt.AdaptorSpec, dict]:
+) -> tuple[AdaptorSpec, dict]:
     """``(spec, params)`` of one adaptor made of the authors' files ``[(kind, state dict, name for messages)]``.
 
     E.g. their "text encoder and U-Net" runs are ``[("text_lora", ...), ("unet_lora", ...)]``. The spec is
@@ -208,7 +221,7 @@ def authors_adaptor(
     if len(set(ranks.values())) > 1:
         raise FairdiffError(f"the LoRA files have different ranks {ranks}; one adaptor needs one rank.")
     rank = next(iter(ranks.values()), 0)
-    spec = ckpt.make_adaptor_spec(
+    spec = make_adaptor_spec(
         unet_params,
         text_encoder_params,
         base_model=base_model,
@@ -219,3 +232,79 @@ def authors_adaptor(
         soft_token=soft_token,
     )
     return spec, params
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _prepare_out(out: str, overwrite: bool) -> None:
+    if os.path.isfile(out):
+        raise FairdiffError(f"--out {out} is a file; pass a folder for the imported adaptor.")
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise FairdiffError(f"--out {out} is not empty; choose an empty folder or pass --overwrite to replace it.")
+        if not os.path.isfile(os.path.join(out, METADATA_FILE)):
+            raise FairdiffError(f"--out {out} holds files but no {METADATA_FILE}; --overwrite only replaces adaptors.")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+
+
+def import_authors(
+    kinds: Sequence[str],
+    sources: Sequence[str],
+    base: str,
+    out: str,
+    *,
+    token: str = soft_lib.DEFAULT_TOKEN,
+    overwrite: bool = False,
+    cache_dir: str | None = "",
+) -> list[str]:
+    """Turn the authors' files (``kinds[i]`` read from ``sources[i]``) into the adaptor folder ``out``, written as
+    ``fairdiff export`` writes one, plus ``imported.json`` (sources, their sha256, the authors' prompt context).
+
+    Every file is checked against the base model in ``base`` (a diffusers folder); returns the written paths.
+    """
+    from fairdiff_jax.models import load_stable_diffusion
+
+    if len(kinds) != len(sources) or not kinds:
+        raise FairdiffError(f"got {len(kinds)} --kind and {len(sources)} --source; pass one --kind per --source.")
+    kinds = [check_kind(kind) for kind in kinds]
+    states = [(kind, load_torch_state_dict(source), os.path.basename(source)) for kind, source in zip(kinds, sources)]
+    components = sorted({KINDS[kind] for kind in kinds}) + (["tokenizer"] if "soft_tokens" in kinds else [])
+    sd = load_stable_diffusion(base, components=components, cache_dir=cache_dir)
+    spec, params = authors_adaptor(states, sd.unet_params, sd.text_encoder_params, base_model=base, soft_token=token)
+    if spec.num_soft_tokens:
+        taken = [n for n in soft_lib.soft_token_names(token, spec.num_soft_tokens) if n in sd.tokenizer.get_vocab()]
+        if taken:
+            raise FairdiffError(f"soft-token name(s) {taken} are already tokens of {base}; pick another --token.")
+    _prepare_out(out, overwrite)
+    written = export_adaptor(spec, params, out)
+    provenance = {
+        "format": "fairdiff-import/1",
+        "origin": "sail-sg/finetune-fair-diffusion",
+        "sources": [{"kind": k, "file": os.path.basename(s), "sha256": _sha256(s)} for k, s in zip(kinds, sources)],
+        "prompt_context": AUTHORS_PROMPT_CONTEXT,
+    }
+    if spec.num_soft_tokens:
+        provenance.update(authors_tokens=authors_token_names(spec.num_soft_tokens), token=spec.soft_token)
+    path = os.path.join(out, PROVENANCE_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(provenance, f, indent=2)
+    return [*written, path]
+
+
+def read_provenance(directory: str) -> dict | None:
+    """``directory/imported.json`` of an imported adaptor folder, or None for our own exports."""
+    path = os.path.join(directory, PROVENANCE_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise FairdiffError(f"cannot read {path}: {err}; re-import the adaptor with 'fairdiff import'.") from err

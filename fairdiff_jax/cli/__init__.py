@@ -16,6 +16,7 @@ BUILTIN_COMMANDS = {
     "train": ("fairdiff_jax.cli.train", "main", "train an adaptor from a config (resumes from the workdir)"),
     "evaluate": ("fairdiff_jax.cli.evaluate", "main", "generate test images and write metrics.json / table.md"),
     "export": ("fairdiff_jax.cli.export", "main", "export a trained adaptor in diffusers formats"),
+    "import": ("fairdiff_jax.cli.import_adaptor", "main", "import the paper authors' released .pth adaptors"),
 }
 ENTRY_POINT_GROUP = "fairdiff_jax.commands"
 

@@ -1,4 +1,4 @@
-"""``fairdiff evaluate --config C [--workdir DIR] [--step N] --out OUT``: arguments ->
+"""``fairdiff evaluate --config C [--workdir DIR [--step N] | --adaptor DIR] --out OUT``: arguments ->
 :func:`fairdiff_jax.evaluate.evaluate`."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 
 from fairdiff_jax.config import config_from_argv
+from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.evaluate import evaluate
 from fairdiff_jax.logs import setup_logging
 from fairdiff_jax.semantic_metrics import SEMANTIC_COLUMNS
@@ -17,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairdiff evaluate", description="Evaluate the original and debiased model.")
     parser.add_argument("--workdir", help="training run folder (omit to evaluate the original model only)")
     parser.add_argument("--out", required=True, help="where metrics.json, table.md and grids are written")
+    parser.add_argument(
+        "--adaptor",
+        default=None,
+        metavar="DIR",
+        help="an adaptor folder written by 'fairdiff export' or 'fairdiff import' (instead of --workdir)",
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw adaptor weights instead of the EMA")
     parser.add_argument("--no-original", action="store_true", help="skip the original model")
@@ -37,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, rest = config_from_argv(list(argv or []))
     args = build_parser().parse_args(rest)
+    if args.adaptor is not None and (args.step is not None or args.no_ema):
+        raise FairdiffError("--step and --no-ema pick a checkpoint of --workdir; an --adaptor folder holds one adaptor")
     setup_logging()
     if args.clip is not None:
         cfg.eval.clip_path = args.clip
@@ -51,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         include_original=not args.no_original,
         split=args.split,
         original_images=args.original_images,
+        adaptor=args.adaptor,
     )
     summary = {"bias": metrics["bias"], "bias_std": metrics["bias_std"], "n_images": metrics["n_images"]}
     summary.update({key: metrics[key]["mean"] for key in SEMANTIC_COLUMNS.values() if key in metrics})

@@ -63,7 +63,7 @@ def _save(path: str, row: dict) -> dict:
 
 def original_row(root: str, overrides: Sequence[str], progress: bool) -> dict:
     """The base toy model, measured once."""
-    from fairdiff_jax.evaluate import EvalSettings
+    from fairdiff_jax.evaluate import EvalSettings, original_model_id
     from fairdiff_jax.run import build_run
     from fairdiff_jax.toyworld.demo import demo_config, measure
 
@@ -81,6 +81,7 @@ def original_row(root: str, overrides: Sequence[str], progress: bool) -> dict:
             frozen["text_encoder"],
             out_dir,
             soft_tokens=False,
+            model_id=original_model_id(run),
             progress=progress,
         )
         row = _save(path, {"name": "original", **_summary(section)})
@@ -106,7 +107,7 @@ def run_row(root: str, kind: str, target: str, mode: str, overrides: Sequence[st
         train(cfg, train_dir, run=run, progress=progress)
         eval_cfg = demo_config(kind, EVALUATED, overrides)
         eval_run = build_run(eval_cfg)
-        unet_params, te_params = adapted_model(run, cfg, train_dir)
+        unet_params, te_params, model_id = adapted_model(run, cfg, train_dir)
         section = measure(
             eval_run,
             EvalSettings.from_config(eval_cfg),
@@ -114,6 +115,7 @@ def run_row(root: str, kind: str, target: str, mode: str, overrides: Sequence[st
             te_params,
             os.path.join(run_dir, "eval"),
             soft_tokens=True,
+            model_id=model_id,
             progress=progress,
         )
         row = {"name": name, "kind": kind, "target": target, "mode": mode, "steps": int(cfg.num_steps)}

@@ -32,6 +32,45 @@ FLAX_ADAPTOR_DIR = "flax_adaptor"
 _log = logging.getLogger(__name__)
 
 
+def _quiet_closed_event_loop() -> None:
+    """Drop the "RuntimeError: Event loop is closed" tracebacks that tensorstore's callbacks print (through
+    ``sys.excepthook``) after orbax fails to read a damaged checkpoint; every other exception is printed as usual."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_fairdiff_quiet", False):
+        return
+
+    def hook(kind, value, traceback):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        previous(kind, value, traceback)
+
+    hook._fairdiff_quiet = True
+    sys.excepthook = hook
+
+
+def _tree_bytes(*trees: Any) -> int:
+    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in jax.tree.leaves(trees)))
+
+
+def _write_error(err: BaseException, directory: str, step: int | None, size: int) -> FairdiffError:
+    """One line for a failed checkpoint write: what failed, where, and how much space one checkpoint needs."""
+    cause, seen = err, []
+    while cause is not None and cause not in seen:  # orbax wraps the OSError of the write
+        seen.append(cause)
+        if isinstance(cause, OSError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else f"{type(err).__name__}: {err}"
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    return FairdiffError(
+        f"could not write {what} to {directory} ({str(reason).splitlines()[0][:200]}); one checkpoint needs about "
+        f"{max(size, 1) / 2**20:.1f} MiB plus metadata; free space there or move --workdir, then run the same command "
+        "to resume from the last checkpoint"
+    )
+
+
 def checkpoint_dir(workdir: str) -> str:
     """The folder of a run's checkpoints."""
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
@@ -88,6 +127,7 @@ class Checkpointer:
             raise FairdiffError(f"keep_checkpoints={keep} and checkpoint_every={save_every} must both be >= 1")
         self.directory = checkpoint_dir(workdir)
         self.save_every = int(save_every)
+        self._bytes, self._pending = 0, None
         self.manager = checkpoint_manager(workdir, keep=keep, async_save=async_save)
 
     # -- saving
@@ -100,26 +140,43 @@ class Checkpointer:
         if (not force and step % self.save_every) or step in self.manager.all_steps():
             return False
         meta = dict(meta, step=int(step))
-        saved = self.manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                adaptor=ocp.args.StandardSave(adaptor),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        self._bytes = _tree_bytes(adaptor, opt_state)
+        self._pending = int(step)
+        try:
+            saved = self.manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    adaptor=ocp.args.StandardSave(adaptor),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=True,
+            )
+        except (OSError, ValueError, RuntimeError) as err:
+            raise _write_error(err, self.directory, step, self._bytes) from err
         if saved:
             _log.info("checkpoint of step %d is being written to %s", step, self.directory)
         return bool(saved)
 
     def wait(self) -> None:
-        """Block until asynchronous saves have finished."""
-        self.manager.wait_until_finished()
+        """Block until asynchronous saves have finished (a failed write is one ``FairdiffError`` line)."""
+        try:
+            self.manager.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as err:
+            raise _write_error(err, self.directory, self._pending, self._bytes) from err
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    def delete_after(self, step: int) -> list[int]:
+        """Delete the checkpoints after ``step`` (a resume from an earlier step abandons them); returns their steps."""
+        later = [s for s in self.steps() if s > step]
+        for s in later:
+            self.manager.delete(s)
+        return later
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -166,6 +223,7 @@ class Checkpointer:
         ``sharding`` overrides the placement of every leaf. An unreadable checkpoint is skipped with a
         warning in favour of the next older one; if none can be read, ``FairdiffError`` says so.
         """
+        _quiet_closed_event_loop()
         adaptor_target = abstract_like(adaptor_like, sharding)
         opt_state_target = abstract_like(opt_state_like, sharding)
         steps = self.steps()
@@ -248,6 +306,7 @@ def restore_adaptor_item(workdir: str, step: int | None = None) -> tuple[int, di
         steps = list(manager.all_steps())
     except Exception as err:  # orbax raises many types for unreadable folders
         raise FairdiffError(f"cannot read checkpoints in {directory}: {err}") from err
+    _quiet_closed_event_loop()
     quiet = _SkipUnrestoredItemWarnings()
     logging.getLogger("absl").addFilter(quiet)
     try:

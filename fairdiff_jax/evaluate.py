@@ -28,7 +28,14 @@ from fairdiff_jax.adaptors.transform import apply_adaptor
 from fairdiff_jax.checkpoints import load_flax_adaptor, restore_adaptor_item
 from fairdiff_jax.config import refuse_unsupported_evaluation
 from fairdiff_jax.errors import FairdiffError
-from fairdiff_jax.eval_store import load_prompt_set, prompt_file, read_stored_prompt, store_prompt_record
+from fairdiff_jax.eval_store import (
+    generation_key,
+    load_prompt_set,
+    params_digest,
+    prompt_file,
+    read_stored_prompt,
+    store_prompt_record,
+)
 from fairdiff_jax.generation import SamplerSettings, make_generator, prompt_noise, tokenize
 from fairdiff_jax.images import save_grids, to_uint8
 from fairdiff_jax.metrics import bias_metrics
@@ -68,9 +75,13 @@ def generate_prompt_set(
     out_dir: str,
     *,
     soft_tokens: bool,
+    model_id: str,
     progress: bool = True,
 ) -> list[dict]:
     """Generate and classify ``settings.images_per_prompt`` images for each prompt; resumable via ``out_dir``.
+
+    ``model_id`` names the weights (see :func:`original_model_id`, :func:`adaptor_model_id`): stored images are
+    reused only when they were made by the same model with the same settings.
 
     Returns, per prompt, ``{"prompt", "images" uint8 [M,H,W,3], "labels" {attr: [M]}, "valid" [M]}``.
     """
@@ -86,7 +97,8 @@ def generate_prompt_set(
     bar = progress_bar(len(prompts) * num_images, desc=os.path.basename(out_dir), enabled=progress)
     for index, prompt in enumerate(prompts):
         path = prompt_file(out_dir, index)
-        stored = read_stored_prompt(path, prompt, num_images)
+        key = generation_key(model_id, settings, prompt, index, run.task.attributes)
+        stored = read_stored_prompt(path, prompt, num_images, key)
         if stored is not None and set(run.task.attributes) <= set(stored["labels"]):  # else classified for fewer
             results.append(stored)
             bar.update(num_images)
@@ -106,25 +118,35 @@ def generate_prompt_set(
         valid = np.concatenate([c[2] for c in chunks])[:num_images]
         record = {"prompt": prompt, "images": images, "labels": labels, "valid": valid}
         if is_main_process():
-            store_prompt_record(path, record)
+            store_prompt_record(path, record, key)
         results.append(record)
     bar.close()
     return results
 
 
+def original_model_id(run: Run) -> str:
+    """The identity of the base model's weights, for the keys of its stored images."""
+    return "original:" + json.dumps({"folder": os.path.abspath(run.model_folder), "weights": run.spec.fingerprint})
+
+
+def adaptor_model_id(run: Run, workdir: str, step: int, which: str, params) -> str:
+    """The identity of an adapted model: the run folder, step, EMA or raw, the adaptor's values, the base model."""
+    return f"adaptor:{os.path.abspath(workdir)}:{step}:{which}:{params_digest(params)}|{original_model_id(run)}"
+
+
 def adapted_weights(run: Run, workdir: str, step: int | None = None, *, use_ema: bool = True):
-    """``(step, unet_params, te_params)``: the base weights with the adaptor of ``workdir`` (newest step by default)."""
+    """``(step, unet_params, te_params, model_id)``: the base weights with the adaptor of ``workdir`` (newest step
+    by default) and the identity of the result."""
     spec = read_adaptor_metadata(workdir)
     check_base_model(spec, run.frozen["unet"], run.frozen["text_encoder"])
     found_step, item = restore_adaptor_item(workdir, step)
-    unet_params, te_params = apply_adaptor(
-        spec, item["ema" if use_ema else "params"], run.frozen["unet"], run.frozen["text_encoder"]
-    )
-    return found_step, unet_params, te_params
+    which = "ema" if use_ema else "params"
+    unet_params, te_params = apply_adaptor(spec, item[which], run.frozen["unet"], run.frozen["text_encoder"])
+    return found_step, unet_params, te_params, adaptor_model_id(run, workdir, found_step, which, item[which])
 
 
 def folder_weights(run: Run, adaptor_dir: str):
-    """``(unet_params, te_params)``: the base weights with the adaptor of an exported or imported folder."""
+    """``(unet_params, te_params, model_id)``: the base weights with the adaptor of an exported or imported folder."""
     from fairdiff_jax.adaptors.authors import read_provenance
 
     spec, params = load_flax_adaptor(adaptor_dir, run.frozen["unet"], run.frozen["text_encoder"])
@@ -142,7 +164,9 @@ def folder_weights(run: Run, adaptor_dir: str):
             adaptor_dir,
             run.pipeline.max_length,
         )
-    return apply_adaptor(spec, params, run.frozen["unet"], run.frozen["text_encoder"])
+    unet_params, te_params = apply_adaptor(spec, params, run.frozen["unet"], run.frozen["text_encoder"])
+    model_id = f"folder:{os.path.abspath(adaptor_dir)}:{params_digest(params)}|{original_model_id(run)}"
+    return unet_params, te_params, model_id
 
 
 def evaluate(
@@ -177,22 +201,31 @@ def evaluate(
     prompts = run.eval_prompts[split]
     models = {}
     if include_original:
-        models["original"] = (run.frozen["unet"], run.frozen["text_encoder"], False)
+        models["original"] = (run.frozen["unet"], run.frozen["text_encoder"], False, original_model_id(run))
     if workdir is not None:
-        found_step, unet_params, te_params = adapted_weights(run, workdir, step, use_ema=use_ema)
-        models[f"debiased (step {found_step})"] = (unet_params, te_params, True)
+        found_step, unet_params, te_params, model_id = adapted_weights(run, workdir, step, use_ema=use_ema)
+        models[f"debiased (step {found_step})"] = (unet_params, te_params, True, model_id)
     if adaptor is not None:
-        models[f"adaptor ({os.path.basename(os.path.normpath(adaptor))})"] = (*folder_weights(run, adaptor), True)
+        unet_params, te_params, model_id = folder_weights(run, adaptor)
+        models[f"adaptor ({os.path.basename(os.path.normpath(adaptor))})"] = (unet_params, te_params, True, model_id)
     if not models:
         raise FairdiffError(
             "nothing to evaluate: give --workdir with a trained adaptor or --adaptor DIR, or include the original model"
         )
     scorer = load_semantic_scorer(cfg.eval.clip_path, cfg.eval.dino_path, batch_size=settings.batch_size)
     report, embeddings = {}, {}
-    for name, (unet_params, te_params, soft) in models.items():
+    for name, (unet_params, te_params, soft, model_id) in models.items():
         folder = os.path.join(out, "original" if name == "original" else "debiased", split)
         results = generate_prompt_set(
-            run, settings, unet_params, te_params, prompts, folder, soft_tokens=soft, progress=progress
+            run,
+            settings,
+            unet_params,
+            te_params,
+            prompts,
+            folder,
+            soft_tokens=soft,
+            model_id=model_id,
+            progress=progress,
         )
         report[name] = bias_metrics(results, run.task.num_classes)
         if scorer is not None:

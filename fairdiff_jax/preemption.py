@@ -13,20 +13,26 @@ _log = logging.getLogger(__name__)
 
 
 class PreemptionFlag:
-    """Sets ``requested`` when the process gets SIGTERM (pre-emption), so the loop can save and stop.
+    """Sets ``requested`` when the process gets SIGTERM (pre-emption) or Ctrl-C, so the loop can save and stop.
 
     Use as a context manager around the loop; the previous handler comes back on exit. With several
     processes, ``any_requested()`` agrees across hosts so that all of them save the same step.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.requested = False
+        self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
-        _log.warning("received signal %d: will save a checkpoint and stop after this step", signum)
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        _log.warning(
+            "received signal %d: will save a checkpoint and stop after this step (Ctrl-C again to abort)", signum
+        )
         self.requested = True
+        self.signal = signum
 
     def __enter__(self) -> PreemptionFlag:
         for signum in self.signals:

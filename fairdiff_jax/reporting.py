@@ -78,6 +78,37 @@ class MetricsWriter:
         self.close()
 
 
+def make_folder(path: str, what: str) -> None:
+    """Create ``path`` (and parents) or say in one line why it cannot be written."""
+    from fairdiff_jax.errors import FairdiffError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise FairdiffError(
+            f"{what} {path} cannot be written ({err.strerror or err}); choose a folder you can write to"
+        ) from None
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Drop the ``metrics.jsonl`` records after ``step`` (a resume from ``step`` writes them again); returns their
+    number."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
+
+
 def read_metrics(workdir: str) -> list[dict]:
     """The records of ``workdir/metrics.jsonl`` in order."""
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:

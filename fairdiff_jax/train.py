@@ -6,10 +6,12 @@ resumes from the newest readable checkpoint in its workdir.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,42 +22,64 @@ from fairdiff_jax import parallel
 from fairdiff_jax.adaptors.spec import write_adaptor_metadata
 from fairdiff_jax.adaptors.transform import apply_adaptor
 from fairdiff_jax.checkpoints import Checkpointer
-from fairdiff_jax.config import refuse_unsupported_training, write_resolved_config
+from fairdiff_jax.config import plain_config, refuse_unsupported_training, write_resolved_config
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.generation import SamplerSettings, make_generator, tokenize
 from fairdiff_jax.images import save_image_grid
 from fairdiff_jax.optim import make_optimizer
 from fairdiff_jax.preemption import PreemptionFlag
 from fairdiff_jax.prompts import PromptIterator
-from fairdiff_jax.reporting import MetricsWriter, compile_with_stats, is_main_process, progress_bar
+from fairdiff_jax.reporting import (
+    MetricsWriter,
+    compile_with_stats,
+    is_main_process,
+    make_folder,
+    progress_bar,
+    truncate_metrics,
+)
 from fairdiff_jax.run import Run, build_run
+from fairdiff_jax.run_folder import RunLock, check_resume
 from fairdiff_jax.train_step import Batch, TrainState, check_microbatch, init_state, make_train_step, step_model
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteGuard:
-    """Counts skipped (non-finite) updates; stops the run after ``max_consecutive`` in a row."""
+    """Counts skipped (non-finite) updates; stops the run after ``max_consecutive`` in a row, naming the last good
+    checkpoint and the command that resumes from it (``resume_hint(step) -> str``)."""
 
-    def __init__(self, max_consecutive: int = 20):
+    def __init__(self, max_consecutive: int = 20, resume_hint=None):
         self.max_consecutive = max_consecutive
+        self.resume_hint = resume_hint or (lambda step: f"train again with resume_step={step} and a lower train.lr")
         self.skipped = 0
         self.consecutive = 0
 
-    def update(self, finite: bool, step: int) -> bool:
+    def update(self, finite: bool, step: int, last_good: int | None = None) -> bool:
         """Record one step's outcome; returns ``finite``. Raises ``FairdiffError`` when training diverged."""
         if bool(finite):
             self.consecutive = 0
             return True
         self.skipped += 1
         self.consecutive += 1
-        log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, self.skipped)
+        log.warning("step %d: non-finite loss, gradient or update, update skipped (%d so far)", step, self.skipped)
         if self.consecutive >= self.max_consecutive:
+            if last_good is None:
+                advice = "no checkpoint was written; lower train.lr (or use model.dtype=float32) and start again"
+            else:
+                advice = f"the last good checkpoint is step {last_good}; resume from it: {self.resume_hint(last_good)}"
             raise FairdiffError(
-                f"training diverged: {self.consecutive} non-finite updates in a row up to step {step}; "
-                "lower train.lr or use model.dtype=float32, then resume"
+                f"training diverged: {self.consecutive} non-finite updates in a row up to step {step}; {advice}"
             )
         return False
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns: the final state, the last step run, and whether it reached ``num_steps``."""
+
+    state: TrainState
+    step: int
+    finished: bool
+    signal: int | None  # the signal that stopped the run early (SIGTERM, SIGINT), if any
 
 
 def make_batch(run: Run, cfg, prompts: Sequence[str], step: int) -> Batch:
@@ -125,11 +149,19 @@ def write_samples(run: Run, ema_params, prompts: Sequence[str], path: str, gener
     return save_image_grid(grid, path, per_prompt, {k: np.concatenate(v) for k, v in labels.items()})
 
 
-def _restore(checkpointer: Checkpointer, state: TrainState, prompts: PromptIterator, workdir: str):
-    """``(state, start step)`` from the newest readable checkpoint, or the initial state and 0."""
-    restored = checkpointer.restore({"params": state.params, "ema": state.ema}, state.opt_state)
+def _restore(checkpointer: Checkpointer, state: TrainState, prompts: PromptIterator, workdir: str, step=None):
+    """``(state, start step)`` from the newest readable checkpoint (or exactly ``step``), or the initial state and 0.
+    Resuming from an earlier step abandons the later checkpoints and metrics records."""
+    restored = checkpointer.restore({"params": state.params, "ema": state.ema}, state.opt_state, step=step)
     if restored is None:
+        if step is not None:
+            raise FairdiffError(f"--resume-step {step}: {workdir} has no checkpoints yet; drop --resume-step")
         return state, 0
+    if step is not None and is_main_process():
+        dropped = checkpointer.delete_after(step)
+        truncate_metrics(workdir, step)
+        if dropped:
+            log.warning("resuming from step %d: deleted the later checkpoints %s", step, dropped)
     prompts.restore(restored.meta["prompts"])
     log.info("resumed from the checkpoint of step %d in %s", restored.step, workdir)
     state = TrainState(
@@ -141,11 +173,38 @@ def _restore(checkpointer: Checkpointer, state: TrainState, prompts: PromptItera
     return state, restored.step
 
 
-def train(cfg, workdir: str, *, run: Run | None = None, progress: bool = True) -> TrainState:
-    """Train (or resume) the adaptor described by ``cfg`` in ``workdir``; returns the final state."""
+def _prepare_workdir(cfg, workdir: str, run: Run, checkpointer: Checkpointer) -> None:
+    """Before anything is written: a resumed run must describe the same adaptor (changes of settings are logged);
+    then the resolved config, and ``adaptor.json`` unless checkpoints already stand for it."""
+    if not is_main_process():
+        return
+    has_checkpoints = bool(checkpointer.steps())
+    if has_checkpoints:
+        for change in check_resume(cfg, workdir, run.spec, run.frozen, plain_config(cfg)):
+            log.info("resuming with a changed setting: %s", change)
+    write_resolved_config(cfg, workdir)
+    if not has_checkpoints:
+        write_adaptor_metadata(workdir, run.spec)
+
+
+def train(
+    cfg,
+    workdir: str,
+    *,
+    run: Run | None = None,
+    progress: bool = True,
+    resume_step: int | None = None,
+    resume_hint=None,
+) -> TrainResult:
+    """Train (or resume) the adaptor described by ``cfg`` in ``workdir``.
+
+    Resumes from the newest readable checkpoint, or from exactly ``resume_step`` (abandoning later ones, e.g. after
+    a divergence). ``resume_hint(step) -> str`` words the command that resumes from a step, for the divergence
+    message. One training process per workdir (``train.lock``).
+    """
     refuse_unsupported_training(cfg)
     parallel.maybe_initialize_distributed(cfg)
-    os.makedirs(workdir, exist_ok=True)
+    make_folder(workdir, "--workdir")
     run = run or build_run(cfg)
     mesh = parallel.make_mesh()
     if int(cfg.train.images_per_prompt) % mesh.size:
@@ -155,60 +214,78 @@ def train(cfg, workdir: str, *, run: Run | None = None, progress: bool = True) -
         )
     local_images = int(cfg.train.images_per_prompt) // mesh.size * int(cfg.train.prompts_per_step)
     check_microbatch(int(cfg.train.microbatch), local_images)
-    if is_main_process():
-        write_resolved_config(cfg, workdir)
-        write_adaptor_metadata(workdir, run.spec)
-    optimizer = make_optimizer(cfg)
-    model = step_model(run, cfg)
-    state = init_state(run.spec, run.frozen, optimizer, jax.random.PRNGKey(int(cfg.seed) + 1))
-    prompts = PromptIterator(run.train_prompts, int(cfg.train.prompts_per_step), seed=int(cfg.seed))
-    checkpointer = Checkpointer(workdir, save_every=int(cfg.checkpoint_every), keep=int(cfg.keep_checkpoints))
-    state, start = _restore(checkpointer, state, prompts, workdir)
-    state = parallel.replicate(state, mesh)
-    step_fn = build_parallel_step(model, optimizer, mesh, cfg.parallel.mode)
-    with checkpointer:
-        return _train_loop(cfg, workdir, run, step_fn, mesh, state, start, prompts, checkpointer, progress)
+    with RunLock(workdir) if is_main_process() else contextlib.nullcontext():
+        checkpointer = Checkpointer(workdir, save_every=int(cfg.checkpoint_every), keep=int(cfg.keep_checkpoints))
+        with checkpointer:
+            _prepare_workdir(cfg, workdir, run, checkpointer)
+            optimizer = make_optimizer(cfg)
+            model = step_model(run, cfg)
+            state = init_state(run.spec, run.frozen, optimizer, jax.random.PRNGKey(int(cfg.seed) + 1))
+            prompts = PromptIterator(run.train_prompts, int(cfg.train.prompts_per_step), seed=int(cfg.seed))
+            state, start = _restore(checkpointer, state, prompts, workdir, resume_step)
+            state = parallel.replicate(state, mesh)
+            step_fn = build_parallel_step(model, optimizer, mesh, cfg.parallel.mode)
+            guard = NonFiniteGuard(int(cfg.train.max_skipped_in_a_row), resume_hint)
+            loop = _TrainLoop(cfg, workdir, run, step_fn, mesh, checkpointer, guard, start)
+            return loop.run(state, prompts, progress)
 
 
-def _train_loop(cfg, workdir, run: Run, step_fn, mesh, state, start: int, prompts, checkpointer, progress: bool):
-    """Steps ``start + 1 .. num_steps``: compile once, log, sample, checkpoint, stop on SIGTERM."""
-    frozen = parallel.replicate(run.frozen, mesh)
-    guard = NonFiniteGuard()
-    total = int(cfg.num_steps)
-    with MetricsWriter(workdir) as writer, PreemptionFlag() as preempted:
-        bar = progress_bar(total, initial=start, enabled=progress and is_main_process())
-        compiled = sampler = None
-        for step in range(start + 1, total + 1):
-            prompts_now = next(prompts)
-            batch = place_batch(make_batch(run, cfg, prompts_now, step), mesh)
-            if compiled is None:
-                if cfg.parallel.mode == "shard_map":
-                    compiled, stats = compile_with_stats(step_fn, state, frozen, batch)
-                    writer.write_scalars(step, {f"compile/{k}": v for k, v in stats.items()})
-                else:
-                    compiled = step_fn
-            started = time.perf_counter()
-            state, metrics = compiled(state, frozen, batch)
-            guard.update(bool(metrics["finite"]), step)  # raises after too many non-finite updates in a row
-            if step % int(cfg.log_every) == 0 or step == total:
-                scalars = _host_metrics(metrics)
-                scalars["step_seconds"] = time.perf_counter() - started
-                writer.write_scalars(step, scalars)
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}")
-            if step % int(cfg.sample_every) == 0 and is_main_process():
-                if sampler is None:
-                    settings = SamplerSettings.from_config(cfg.sampler)
-                    sampler = make_generator(run.pipeline, settings, run.classifier, settings.eval_steps)
-                path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-                grid = write_samples(run, jax.device_get(state.ema), prompts_now, path, sampler)
-                writer.write_image(step, "samples", grid)
-            meta = {"prompts": prompts.state(), "skipped": int(np.asarray(state.skipped))}
-            # the last step is always saved, so a run shorter than checkpoint_every still leaves its adaptor
-            last = step == total or preempted.any_requested()
-            checkpointer.save(step, {"params": state.params, "ema": state.ema}, state.opt_state, meta, force=last)
-            bar.update(1)
-            if preempted.any_requested():
-                log.warning("stopping at step %d on request (SIGTERM); the checkpoint is written", step)
-                break
-        bar.close()
-    return jax.device_get(state)
+class _TrainLoop:
+    """Steps ``start + 1 .. num_steps``: compile once, log, sample, checkpoint good steps, stop on a signal."""
+
+    def __init__(self, cfg, workdir, run: Run, step_fn, mesh, checkpointer, guard, start: int):
+        self.cfg, self.workdir, self.run_, self.step_fn, self.mesh = cfg, workdir, run, step_fn, mesh
+        self.checkpointer, self.guard, self.start = checkpointer, guard, start
+        self.last_saved = start or None  # the newest checkpoint of a good step
+        self.sampler = None
+
+    def _samples(self, writer, state, prompts_now, step) -> None:
+        if self.sampler is None:
+            settings = SamplerSettings.from_config(self.cfg.sampler)
+            self.sampler = make_generator(self.run_.pipeline, settings, self.run_.classifier, settings.eval_steps)
+        path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+        grid = write_samples(self.run_, jax.device_get(state.ema), prompts_now, path, self.sampler)
+        writer.write_image(step, "samples", grid)
+
+    def run(self, state, prompts, progress: bool) -> TrainResult:
+        cfg, total = self.cfg, int(self.cfg.num_steps)
+        frozen = parallel.replicate(self.run_.frozen, self.mesh)
+        compiled, step = None, self.start
+        with MetricsWriter(self.workdir) as writer, PreemptionFlag() as preempted:
+            bar = progress_bar(total, initial=self.start, enabled=progress and is_main_process())
+            for step in range(self.start + 1, total + 1):
+                prompts_now = next(prompts)
+                batch = place_batch(make_batch(self.run_, cfg, prompts_now, step), self.mesh)
+                if compiled is None:
+                    if cfg.parallel.mode == "shard_map":
+                        compiled, stats = compile_with_stats(self.step_fn, state, frozen, batch)
+                        writer.write_scalars(step, {f"compile/{k}": v for k, v in stats.items()})
+                    else:
+                        compiled = self.step_fn
+                started = time.perf_counter()
+                state, metrics = compiled(state, frozen, batch)
+                finite = bool(metrics["finite"])
+                if step % int(cfg.log_every) == 0 or step == total or not finite:
+                    scalars = _host_metrics(metrics)
+                    scalars["step_seconds"] = time.perf_counter() - started
+                    writer.write_scalars(step, scalars)
+                    bar.set_postfix(loss=f"{scalars['loss']:.3f}")
+                self.guard.update(finite, step, self.last_saved)  # raises after too many skipped updates in a row
+                if finite and step % int(cfg.sample_every) == 0 and is_main_process():
+                    self._samples(writer, state, prompts_now, step)
+                # no checkpoint of a skipped step: good checkpoints are never rotated out by a diverging run; the
+                # last step and a requested stop always save a good state, so a short run still leaves its adaptor
+                stop = preempted.any_requested()
+                if finite:
+                    meta = {"prompts": prompts.state(), "skipped": int(np.asarray(state.skipped))}
+                    adaptor = {"params": state.params, "ema": state.ema}
+                    if self.checkpointer.save(step, adaptor, state.opt_state, meta, force=step == total or stop):
+                        self.last_saved = step
+                bar.update(1)
+                if stop:
+                    log.warning("stopping at step %d on request (signal %s)", step, preempted.signal)
+                    break
+            bar.close()
+            self.checkpointer.wait()
+        finished = step >= total and not preempted.requested
+        return TrainResult(jax.device_get(state), step, finished, preempted.signal)

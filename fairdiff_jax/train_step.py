@@ -260,16 +260,20 @@ def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, 
 
 
 def apply_update(model: StepModel, optimizer, state: TrainState, grads, loss) -> tuple[TrainState, dict]:
-    """AdamW and EMA, unless the loss or the gradient is non-finite (then the state is kept and counted)."""
-    finite = all_finite(grads) & jnp.isfinite(loss)
+    """AdamW and EMA, unless the loss, the gradient or the update is non-finite (the state is then kept, counted)."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    update_norm = optax.global_norm(updates)
+    # an overflowing update norm or parameter norm (|x| beyond ~1e19) counts as non-finite: such a step has blown up
+    finite = (
+        all_finite(grads) & jnp.isfinite(loss) & jnp.isfinite(update_norm) & jnp.isfinite(optax.global_norm(params))
+    )
     ema = ema_update(state.ema, params, model.spec.ema_decay)
     new_state = TrainState(
         *keep_if_finite(finite, (params, ema, opt_state), (state.params, state.ema, state.opt_state)),
         state.skipped + (~finite).astype(jnp.int32),
     )
-    return new_state, {"finite": finite, "update_norm": optax.global_norm(updates)}
+    return new_state, {"finite": finite, "update_norm": update_norm}
 
 
 def attribute_metrics(model: StepModel, aux: dict, reduce) -> dict:

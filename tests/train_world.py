@@ -94,4 +94,5 @@ if __name__ == "__main__":
     cfg = tiny_config(
         folder, f"--config.num_steps={steps}", "--config.checkpoint_every=1", "--config.keep_checkpoints=10"
     )
-    train(cfg, workdir, run=tiny_run(folder, cfg), progress=False)
+    result = train(cfg, workdir, run=tiny_run(folder, cfg), progress=False)
+    sys.exit(0 if result.finished else 128 + (result.signal or 15))  # as `fairdiff train` exits

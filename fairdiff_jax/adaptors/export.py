@@ -88,6 +88,16 @@ def export_adaptor(spec: AdaptorSpec, params: Mapping, out_dir: str) -> list[str
     return written
 
 
+def training_folder(workdir: str) -> str:
+    """The folder holding ``adaptor.json`` and ``checkpoints/``: ``workdir`` itself, or the ``train/`` folder of a
+    ``fairdiff demo`` workdir."""
+    if not os.path.isfile(os.path.join(workdir, METADATA_FILE)):
+        nested = os.path.join(workdir, "train")
+        if os.path.isfile(os.path.join(nested, METADATA_FILE)):
+            return nested
+    return workdir
+
+
 def export_run(workdir: str, out_dir: str, *, step: int | None = None, use_ema: bool = True):
     """Export the adaptor of a training run (EMA by default, newest step unless given); returns
     ``(spec, step, written paths)``."""
@@ -95,6 +105,9 @@ def export_run(workdir: str, out_dir: str, *, step: int | None = None, use_ema: 
 
     if not os.path.isdir(workdir):
         raise FairdiffError(f"workdir {workdir} does not exist; pass the --workdir used for 'fairdiff train'.")
+    workdir = training_folder(workdir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FairdiffError(f"--out {out_dir} is a file; give a folder to write the exported adaptor into")
     spec = read_adaptor_metadata(workdir)
     found_step, item = restore_adaptor_item(workdir, step)
     written = export_adaptor(spec, item["ema"] if use_ema else item["params"], out_dir)

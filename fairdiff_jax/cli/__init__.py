@@ -98,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     except FairdiffError as err:
         print(f"fairdiff {command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a folder that cannot be written, a full disk, a path that is a file: one line
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"fairdiff {command}: error: {err.strerror or err}{where}; check the path and its space", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fairdiff {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

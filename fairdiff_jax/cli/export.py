@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from fairdiff_jax.adaptors.export import export_run
+from fairdiff_jax.adaptors.spec import METADATA_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``fairdiff export --workdir DIR --out OUT [--step N] [--no-ema]``; returns the exit code."""
     args = build_parser().parse_args(list(argv or []))
+    replacing = os.path.isfile(os.path.join(args.out, METADATA_FILE))
     spec, step, written = export_run(args.workdir, args.out, step=args.step, use_ema=not args.no_ema)
+    if replacing:
+        print(f"replaced the earlier export in {args.out}")
     which = "raw parameters" if args.no_ema else f"EMA (decay {spec.ema_decay})"
     print(f"exported step {step} ({which}) of {args.workdir} to {args.out}:")
     for path in written:

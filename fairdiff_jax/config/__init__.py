@@ -7,6 +7,7 @@ from fairdiff_jax.config.loading import (
     leaf_keys,
     load_config,
     parse_value,
+    plain_config,
     split_overrides,
     write_resolved_config,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "load_config",
     "parse_config_arg",
     "parse_value",
+    "plain_config",
     "refuse_unsupported_evaluation",
     "refuse_unsupported_training",
     "split_overrides",

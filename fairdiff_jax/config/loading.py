@@ -29,7 +29,16 @@ def _import_config_file(path: str):
         raise FairdiffError(f"config file '{path}' not found; pass --config configs/NAME.py[:ARG] (see configs/)")
     spec = importlib.util.spec_from_file_location(f"fairdiff_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except FairdiffError:
+        raise
+    except Exception as err:  # a syntax error or a failing import in the user's file: one line, not a traceback
+        where = f" (line {err.lineno})" if isinstance(err, SyntaxError) and err.lineno else ""
+        raise FairdiffError(
+            f"config file '{path}' could not be loaded{where}: {type(err).__name__}: {str(err).splitlines()[0]}; "
+            "fix the file"
+        ) from None
     if not hasattr(module, "get_config"):
         raise FairdiffError(f"config file '{path}' has no get_config(arg) function; define one returning a ConfigDict")
     return module
@@ -176,6 +185,11 @@ def config_from_argv(argv: Sequence[str], *, validate: bool = True) -> tuple[Con
         raise FairdiffError("no config given; pass --config configs/NAME.py[:ARG] (e.g. configs/gender.py)")
     cfg = load_config(path, [f"--config.{k}={v}" for k, v in pairs], validate=validate)
     return cfg, remaining
+
+
+def plain_config(value):
+    """A ConfigDict as plain dicts, tuples and values (what ``config.json`` holds)."""
+    return _plain(value)
 
 
 def _plain(value):

@@ -138,6 +138,8 @@ def base_config() -> ConfigDict:
             # "constant" (the paper) or "cosine": decay from lr to lr * final_lr_fraction over num_steps
             "lr_schedule": "constant",
             "final_lr_fraction": 0.1,
+            # a run stops (naming the last good checkpoint) after this many skipped non-finite updates in a row
+            "max_skipped_in_a_row": 20,
         }
     )
     # clip_path / dino_path: evaluation encoders for CLIP-T / CLIP-I / DINO (separate from loss.*; "" = not computed)

@@ -68,6 +68,10 @@ def _check_ranges(cfg: ConfigDict) -> None:
             f"faces.min_face_size={faces.min_face_size} must be >= 1, faces.min_neighbors={faces.min_neighbors} "
             f">= 0 and faces.score_threshold={faces.score_threshold} in [0, 1]"
         )
+    if not math.isfinite(cfg.train.lr) or cfg.train.lr <= 0:
+        raise FairdiffError(f"train.lr={cfg.train.lr} must be a positive number (the paper's is 5e-5)")
+    if int(cfg.train.max_skipped_in_a_row) < 1:
+        raise FairdiffError(f"train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row} must be >= 1")
     if not 0.0 <= cfg.train.final_lr_fraction <= 1.0:
         raise FairdiffError(f"train.final_lr_fraction={cfg.train.final_lr_fraction} must lie in [0, 1]")
     if int(cfg.sampler.unroll) < 1:

@@ -23,7 +23,7 @@ from fairdiff_jax.adaptors.transform import apply_adaptor
 from fairdiff_jax.checkpoints import restore_adaptor_item
 from fairdiff_jax.config import load_config
 from fairdiff_jax.errors import FairdiffError
-from fairdiff_jax.evaluate import EvalSettings, generate_prompt_set
+from fairdiff_jax.evaluate import EvalSettings, adaptor_model_id, generate_prompt_set, original_model_id
 from fairdiff_jax.images import save_image_grid
 from fairdiff_jax.metrics import bias_metrics
 from fairdiff_jax.models.loader import cache_root
@@ -52,9 +52,18 @@ def cue_accuracy(run: Run, results: Sequence[dict]) -> float:
 
 
 def measure(
-    run: Run, settings: EvalSettings, unet_params, te_params, out_dir: str, *, soft_tokens: bool, progress: bool
+    run: Run,
+    settings: EvalSettings,
+    unet_params,
+    te_params,
+    out_dir: str,
+    *,
+    soft_tokens: bool,
+    model_id: str,
+    progress: bool,
 ) -> dict:
-    """Bias metrics and cue accuracy on the debiased and the held-out occupations."""
+    """Bias metrics and cue accuracy on the debiased and the held-out occupations (``model_id``: see
+    ``evaluate.original_model_id`` / ``adaptor_model_id``; stored images of another model are regenerated)."""
     section = {}
     for split, prompts in run.eval_prompts.items():
         results = generate_prompt_set(
@@ -65,6 +74,7 @@ def measure(
             prompts,
             os.path.join(out_dir, split),
             soft_tokens=soft_tokens,
+            model_id=model_id,
             progress=progress,
         )
         metrics = bias_metrics(results, run.task.num_classes)
@@ -126,7 +136,7 @@ def base_eval_dir(cfg, world_folder: str) -> str:
 
 
 def adapted_model(run: Run, cfg, train_dir: str):
-    """(U-Net params, text-encoder params) of the base model with the EMA adaptor saved in ``train_dir``.
+    """(U-Net params, text-encoder params, model id) of the base model with the EMA adaptor saved in ``train_dir``.
 
     Refuses an unfinished run (stopped by SIGTERM before ``num_steps``): evaluating it would report a partly
     trained adaptor as the result, and its images would be reused after the run is resumed."""
@@ -136,7 +146,8 @@ def adapted_model(run: Run, cfg, train_dir: str):
         raise FairdiffError(
             f"training in {train_dir} stopped at step {step} of {total}; run the same command again to resume it"
         )
-    return apply_adaptor(run.spec, item["ema"], run.frozen["unet"], run.frozen["text_encoder"])
+    unet_params, te_params = apply_adaptor(run.spec, item["ema"], run.frozen["unet"], run.frozen["text_encoder"])
+    return unet_params, te_params, adaptor_model_id(run, train_dir, step, "ema", item["ema"])
 
 
 def demo_config(adaptor: str = "unet_lora", attributes: Sequence[str] = ("gender",), overrides: Sequence[str] = ()):
@@ -165,18 +176,32 @@ def run_demo(
     log.info("base model's evaluation: %s (reused when present)", before_dir)
     frozen = run.frozen
     before = measure(
-        run, settings, frozen["unet"], frozen["text_encoder"], before_dir, soft_tokens=False, progress=progress
+        run,
+        settings,
+        frozen["unet"],
+        frozen["text_encoder"],
+        before_dir,
+        soft_tokens=False,
+        model_id=original_model_id(run),
+        progress=progress,
     )
     timings["before_seconds"] = time.perf_counter() - started - timings["setup_seconds"]
 
     mark = time.perf_counter()
-    train(cfg, os.path.join(workdir, "train"), run=run, progress=progress)
+    result = train(cfg, os.path.join(workdir, "train"), run=run, progress=progress)
+    if not result.finished:
+        raise FairdiffError(
+            f"training stopped at step {result.step} of {cfg.num_steps} (signal {result.signal}); the checkpoint is "
+            "written, run the same command again to resume and finish the demo"
+        )
     timings["train_seconds"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    unet_params, te_params = adapted_model(run, cfg, os.path.join(workdir, "train"))
+    unet_params, te_params, model_id = adapted_model(run, cfg, os.path.join(workdir, "train"))
     after_dir = os.path.join(workdir, "eval", "after")
-    after = measure(run, settings, unet_params, te_params, after_dir, soft_tokens=True, progress=progress)
+    after = measure(
+        run, settings, unet_params, te_params, after_dir, soft_tokens=True, model_id=model_id, progress=progress
+    )
     timings["after_seconds"] = time.perf_counter() - mark
     timings["total_seconds"] = time.perf_counter() - started
 

@@ -32,14 +32,29 @@ FLAX_ADAPTOR_DIR = "flax_adaptor"
 _log = logging.getLogger(__name__)
 
 
+class _OrbaxReadTaskFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records whose exception was raised inside orbax (a
+    failed read of a damaged checkpoint, already reported as one warning line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or not record.exc_info[2]:
+            return True
+        import traceback
+
+        frames = traceback.extract_tb(record.exc_info[2])
+        return not any("orbax" in frame.filename or "tensorstore" in frame.filename for frame in frames)
+
+
 def _quiet_closed_event_loop() -> None:
     """Drop the "RuntimeError: Event loop is closed" tracebacks that tensorstore's callbacks print (through
-    ``sys.excepthook``) after orbax fails to read a damaged checkpoint; every other exception is printed as usual."""
+    ``sys.excepthook``) after orbax fails to read a damaged checkpoint, and asyncio's reports of the failed read
+    tasks; every other exception is printed as usual."""
     import sys
 
     previous = sys.excepthook
     if getattr(previous, "_fairdiff_quiet", False):
         return
+    logging.getLogger("asyncio").addFilter(_OrbaxReadTaskFilter())
 
     def hook(kind, value, traceback):
         if kind is RuntimeError and str(value) == "Event loop is closed":

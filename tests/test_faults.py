@@ -23,7 +23,7 @@ from fairdiff_jax.train import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train_world import tiny_config, tiny_run, write_finished_run  # noqa: E402
+from train_world import tiny_config, tiny_run, training_process, write_finished_run  # noqa: E402
 
 TINY = ("--config.checkpoint_every=1", "--config.keep_checkpoints=2", "--config.log_every=1")
 
@@ -153,20 +153,9 @@ def test_two_runs_in_one_workdir_and_a_stale_lock(tmp_path, caplog):
         assert lock.held and "taking over the stale lock" in caplog.text
 
 
-def _train_process(sd_folder, workdir, steps):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    return subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "train_world.py"), sd_folder, workdir, str(steps)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_ctrl_c_saves_the_step_and_exits_non_zero_then_resumes(tiny_sd_path, tmp_path):
+def test_ctrl_c_saves_the_step_and_exits_130(tiny_sd_path, tmp_path):
     workdir = str(tmp_path / "run")
-    proc = _train_process(tiny_sd_path, workdir, 40)
+    proc = training_process(tiny_sd_path, workdir, 40)
     second = os.path.join(workdir, "checkpoints", "2")
     deadline = time.time() + 600
     while not os.path.isdir(second) and proc.poll() is None and time.time() < deadline:

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -19,7 +18,7 @@ from fairdiff_jax.train_step import init_state, make_train_step, step_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train_world import PROMPTS, tiny_config, tiny_run  # noqa: E402
+from train_world import PROMPTS, tiny_config, tiny_run, training_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -71,25 +70,14 @@ def assert_gradients_close(got, want, *, rtol: float = 1e-4):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=rtol * scale / 10), got, want)
 
 
-def _train_process(sd_folder, workdir, steps):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    return subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "train_world.py"), sd_folder, workdir, str(steps)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_kill_and_resume_gives_the_uninterrupted_adaptor(tiny_sd_path, tmp_path):
     steps = 5
     straight = str(tmp_path / "straight")
-    proc = _train_process(tiny_sd_path, straight, steps)
+    proc = training_process(tiny_sd_path, straight, steps)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
 
     killed = str(tmp_path / "killed")
-    proc = _train_process(tiny_sd_path, killed, steps)
+    proc = training_process(tiny_sd_path, killed, steps)
     third = os.path.join(killed, "checkpoints", "3")
     deadline = time.time() + 600
     while not os.path.isdir(third) and proc.poll() is None and time.time() < deadline:
@@ -98,7 +86,7 @@ def test_kill_and_resume_gives_the_uninterrupted_adaptor(tiny_sd_path, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.isdir(os.path.join(killed, "checkpoints", str(steps)))
-    proc = _train_process(tiny_sd_path, killed, steps)
+    proc = training_process(tiny_sd_path, killed, steps)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
 
     step_a, adaptor_a = restore_adaptor_item(straight)

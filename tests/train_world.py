@@ -83,6 +83,20 @@ def tiny_run(sd_folder: str, cfg, adaptor_spec=None) -> Run:
     return assemble_run(cfg, sd, world, adaptor_spec)
 
 
+def training_process(sd_folder: str, workdir: str, steps: int):
+    """This file run as a training process on 2 simulated devices (so a test can signal or kill it)."""
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), sd_folder, workdir, str(steps)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 if __name__ == "__main__":
     jax.config.update(
         "jax_compilation_cache_dir",

@@ -19,6 +19,15 @@ from fairdiff_jax.baselines.fair_diffusion import (
     fair_guided_output,
     semantic_guidance,
 )
+from fairdiff_jax.baselines.methods import (
+    METHODS,
+    BaselineSetup,
+    FairGuidance,
+    check_method,
+    method_config,
+    method_defaults,
+    prepare_baseline,
+)
 from fairdiff_jax.baselines.uce import (
     UCEConfig,
     closed_form_kernel,
@@ -29,17 +38,15 @@ from fairdiff_jax.baselines.uce import (
     uce_edit,
 )
 
-# method name -> its hyper-parameter dataclass (the names `fairdiff evaluate --method` accepts)
-METHODS = {
-    "ethical_intervention": EthicalInterventionConfig,
-    "debiasvl": DebiasVLConfig,
-    "uce": UCEConfig,
-    "fair_diffusion": FairDiffusionConfig,
-}
-
 __all__ = [
     "DEFAULT_CLASS_WORDS",
     "METHODS",
+    "BaselineSetup",
+    "FairGuidance",
+    "check_method",
+    "method_config",
+    "method_defaults",
+    "prepare_baseline",
     "DebiasVLConfig",
     "EthicalInterventionConfig",
     "FairDiffusionConfig",

@@ -21,7 +21,7 @@ import optax
 
 from fairdiff_jax.adaptors import ema_update
 from fairdiff_jax.adaptors.spec import AdaptorSpec
-from fairdiff_jax.adaptors.transform import apply_adaptor, init_adaptor
+from fairdiff_jax.adaptors.transform import apply_adaptor, init_adaptor, project_adaptor
 from fairdiff_jax.alignment import alignment_cross_entropy, distributional_alignment_grouped, semantic_weights
 from fairdiff_jax.alignment.semantic import semantic_loss
 from fairdiff_jax.errors import FairdiffError
@@ -260,10 +260,11 @@ def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, 
 
 
 def apply_update(model: StepModel, optimizer, state: TrainState, grads, loss) -> tuple[TrainState, dict]:
-    """AdamW and EMA, unless the loss or the gradient is non-finite (then the state is kept and counted)."""
+    """AdamW (then COFT's projection, for a constrained OFT) and EMA, unless the loss or the gradient is non-finite
+    (then the state is kept and counted)."""
     finite = all_finite(grads) & jnp.isfinite(loss)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = project_adaptor(model.spec, optax.apply_updates(state.params, updates))  # COFT's constraint
     ema = ema_update(state.ema, params, model.spec.ema_decay)
     new_state = TrainState(
         *keep_if_finite(finite, (params, ema, opt_state), (state.params, state.ema, state.opt_state)),

@@ -6,6 +6,10 @@ the JAX U-Net run on ``apply_oft`` params, for the exact Cayley transform, PEFT'
 block sharing.
 """
 
+import json
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +17,11 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from fairdiff_jax.adaptors import oft
+from fairdiff_jax.adaptors.lora import UNET_TARGETS
 from fairdiff_jax.errors import FairdiffError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_world import PROMPTS, tiny_config, tiny_run  # noqa: E402
 
 TOL = 1e-4
 
@@ -132,3 +140,75 @@ def test_exported_oft_matches_peft_in_pytorch(tiny_sd, tiny_sd_path, tmp_path, n
     print(f"OFT ({name}) relative error vs peft: {err:.2e}")
     assert err <= TOL
     assert float(np.abs(base_eps - theirs).max() / np.abs(theirs).max()) > 1e-2  # the adaptor is active in peft
+
+
+# ------------------------------------------------------------------------------ the unet_oft adaptor kind
+
+
+@pytest.fixture(scope="module")
+def oft_world(tiny_sd_path):
+    cfg = tiny_config(tiny_sd_path, "--config.adaptor.kind=unet_oft", "--config.adaptor.oft.block_size=8")
+    return tiny_run(tiny_sd_path, cfg), cfg
+
+
+def test_unet_oft_kind_is_registered_and_trained_by_the_train_step(oft_world):
+    import optax
+
+    from fairdiff_jax.adaptors import ADAPTOR_KINDS, AdaptorSpec
+    from fairdiff_jax.train import make_batch
+    from fairdiff_jax.train_step import init_state, make_train_step, step_model
+
+    run, cfg = oft_world
+    assert "unet_oft" in ADAPTOR_KINDS and run.spec.oft_targets == {"unet": list(UNET_TARGETS)}
+    assert AdaptorSpec.from_json(json.loads(json.dumps(run.spec.to_json()))).oft_settings == run.spec.oft_settings
+    optimizer = optax.sgd(1.0)
+    state = init_state(run.spec, run.frozen, optimizer, jax.random.PRNGKey(1))
+    assert set(state.params) == {"oft"} and all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(state.params))
+    batch = make_batch(run, cfg, PROMPTS[:2], step=1)
+    step = jax.jit(make_train_step(step_model(run, cfg), optimizer, axis_name=None))
+    new_state, metrics = step(state, run.frozen, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    moved = [float(jnp.abs(x).max()) for x in jax.tree.leaves(new_state.params)]
+    assert min(moved) > 0  # every rotated projection received a gradient
+
+    # COFT: after the update every block is back inside its radius (PEFT's in-place projection)
+    cfg_coft = cfg.copy_and_resolve_references()
+    cfg_coft.adaptor.oft.coft, cfg_coft.adaptor.oft.eps = True, 1e-3
+    coft_run = tiny_run(run.model_folder, cfg_coft)
+    coft_step = jax.jit(make_train_step(step_model(coft_run, cfg_coft), optimizer, axis_name=None))
+    coft_state, _ = coft_step(
+        init_state(coft_run.spec, coft_run.frozen, optimizer, jax.random.PRNGKey(1)), coft_run.frozen, batch
+    )
+    for skew in jax.tree.leaves(coft_state.params):
+        norms = np.sqrt(2.0) * np.linalg.norm(np.asarray(skew), axis=-1)
+        assert norms.max() <= 1e-3 / np.sqrt(skew.shape[0]) * (1 + 1e-5) and norms.max() > 0
+
+
+@pytest.mark.torch
+def test_exported_run_loads_into_peft(oft_world, tiny_sd_path, tmp_path):
+    torch = pytest.importorskip("torch", reason="parity checks need the torch extra: pip install -e '.[torch]'")
+    peft = pytest.importorskip("peft", reason="the OFT parity check needs peft: pip install -e '.[torch]'")
+    from diffusers import UNet2DConditionModel
+
+    from fairdiff_jax.adaptors import apply_adaptor, init_adaptor
+    from fairdiff_jax.adaptors.export import export_adaptor
+
+    run, _ = oft_world
+    params = _random_skews(init_adaptor(jax.random.PRNGKey(0), run.spec, run.frozen["unet"], None), 0.1, seed=5)
+    written = export_adaptor(run.spec, params, str(tmp_path))
+    assert str(tmp_path / "unet_oft") in written
+    adapted = peft.PeftModel.from_pretrained(
+        UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet"), str(tmp_path / "unet_oft")
+    ).eval()
+    unet_params, _ = apply_adaptor(run.spec, params, run.frozen["unet"], run.frozen["text_encoder"])
+    rng = np.random.default_rng(1)
+    sample = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    context = rng.standard_normal((1, 16, 32)).astype(np.float32)
+    ours = np.asarray(
+        run.pipeline.unet.apply(
+            {"params": unet_params}, jnp.asarray(sample), jnp.asarray([500]), jnp.asarray(context)
+        ).sample
+    )
+    with torch.no_grad():
+        theirs = adapted(torch.from_numpy(sample), torch.tensor([500]), torch.from_numpy(context)).sample.numpy()
+    assert float(np.abs(ours - theirs).max() / np.abs(theirs).max()) <= TOL

@@ -98,6 +98,18 @@ def base_config() -> ConfigDict:
         {"world": DEFAULT_WORLD, "path": "models/stable-diffusion-v1-5", "dtype": "bfloat16", "variant": ""}
     )
     c.adaptor = ConfigDict({"kind": "text_lora", "rank": 50, "alpha": 50.0, "num_tokens": 5, "ema_decay": 0.996})
+    # OFT (adaptor.kind=unet_oft): fairdiff_jax.adaptors.oft.OFTSettings, PEFT's defaults but the exact Cayley map
+    c.adaptor.oft = ConfigDict(
+        {
+            "block_size": 32,
+            "num_blocks": 0,
+            "coft": False,
+            "eps": 6e-5,
+            "block_share": False,
+            "cayley_neumann": False,
+            "num_neumann_terms": 5,
+        }
+    )
     c.sampler = ConfigDict(
         {
             "solver": "dpmpp_2m",

@@ -137,3 +137,76 @@ def test_guidance_matches_diffusers_sega_pipeline(tiny_sd_path):
             assert np.abs(plain - theirs).max() > 1e-3 * np.abs(theirs).max()
     print(f"Fair Diffusion guidance, max relative error vs diffusers SEGA over 8 steps: {worst:.2e}")
     assert worst < 1e-5
+
+
+def _guided_inputs(tiny_sd, prompt, concepts):
+    ids = np.asarray(
+        tiny_sd.tokenizer([prompt, "", *concepts], padding="max_length", max_length=16, truncation=True).input_ids
+    )
+    hidden = tiny_sd.text_encoder(ids, params=tiny_sd.text_encoder_params).last_hidden_state
+    return hidden[:1], hidden[1:2], hidden[2:]
+
+
+def test_guide_state_is_kept_on_padded_steps(tiny_sd):
+    from fairdiff_jax import sampling
+
+    cond, uncond, concepts = _guided_inputs(tiny_sd, "a photo of a doctor", ["male person", "female person"])
+    noise = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 8, 8))
+    guide = B.SemanticGuide(concepts, jnp.asarray([[-1.0, 1.0], [1.0, -1.0]]), B.FairDiffusionConfig(warmup_steps=1))
+    schedule = sampling.make_schedule(tiny_sd.scheduler)
+    unet_fn = sampling.unet_apply_fn(tiny_sd.unet)
+    args = (unet_fn, tiny_sd.unet_params, noise, jnp.broadcast_to(cond, (2, 16, 32)), uncond, 4, schedule)
+    padded = sampling.sample_latents(*args, max_steps=6, guidance_scale=7.5, gradient_mode="detached", guide=guide)
+    exact = sampling.sample_latents(*args, max_steps=4, guidance_scale=7.5, gradient_mode="detached", guide=guide)
+    plain = sampling.sample_latents(*args, max_steps=4, guidance_scale=7.5, gradient_mode="detached")
+    np.testing.assert_allclose(np.asarray(padded), np.asarray(exact), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(exact - plain).max()) > 1e-2  # the guide changes the samples
+
+
+@pytest.mark.torch
+def test_sampling_with_the_guide_matches_diffusers_sega_end_to_end(tiny_sd, tiny_sd_path):
+    torch = pytest.importorskip("torch", reason="the pipeline check needs the torch extra: pip install -e '.[torch]'")
+    from diffusers import DDIMScheduler, SemanticStableDiffusionPipeline
+
+    from fairdiff_jax import sampling
+
+    pipe = SemanticStableDiffusionPipeline.from_pretrained(
+        tiny_sd_path, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    config = B.FairDiffusionConfig(warmup_steps=2)
+    prompt, concepts = "a photo of the face of a nurse", ["male person", "female person"]
+    noise = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    theirs = pipe(
+        prompt=[prompt] * 2,
+        latents=torch.from_numpy(noise),
+        num_inference_steps=8,
+        guidance_scale=7.5,
+        editing_prompt=concepts,
+        reverse_editing_direction=[False, True],  # towards "male person", away from "female person"
+        edit_guidance_scale=config.edit_guidance_scale,
+        edit_warmup_steps=config.warmup_steps,
+        edit_threshold=config.threshold,
+        edit_momentum_scale=config.momentum_scale,
+        edit_mom_beta=config.momentum_beta,
+        output_type="latent",
+    ).images.numpy()
+    cond, uncond, concept_emb = _guided_inputs(tiny_sd, prompt, concepts)
+    guide = B.SemanticGuide(concept_emb, jnp.asarray([[1.0, -1.0]] * 2), config)
+    ours = sampling.sample_latents(
+        sampling.unet_apply_fn(tiny_sd.unet),
+        tiny_sd.unet_params,
+        jnp.asarray(noise),
+        jnp.broadcast_to(cond, (2, 16, 32)),
+        uncond,
+        8,
+        sampling.make_schedule(tiny_sd.scheduler),
+        max_steps=8,
+        solver="ddim",
+        guidance_scale=7.5,
+        gradient_mode="detached",
+        guide=guide,
+    )
+    err = float(np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max())
+    print(f"DDIM + Fair Diffusion guidance, 8 steps: relative error of the final latents vs diffusers {err:.2e}")
+    assert err < 1e-4

@@ -14,6 +14,7 @@ from fairdiff_jax.baselines.debiasvl import (
 from fairdiff_jax.baselines.ethical_intervention import EthicalInterventionConfig, intervene, prompt_subject
 from fairdiff_jax.baselines.fair_diffusion import (
     FairDiffusionConfig,
+    SemanticGuide,
     draw_directions,
     edit_prompts,
     fair_guided_output,
@@ -50,6 +51,7 @@ __all__ = [
     "DebiasVLConfig",
     "EthicalInterventionConfig",
     "FairDiffusionConfig",
+    "SemanticGuide",
     "UCEConfig",
     "calibrated_projection",
     "candidate_prompts",

@@ -36,7 +36,8 @@ class DebiasVLConfig:
     lam: float = 500.0
     template: str = "A photo of a {word} {concept}."
     class_words: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CLASS_WORDS))
-    spurious_template: str | None = None  # e.g. "A photo of a {word}." to add the orthogonal projection P0
+    spurious_template: str = ""  # e.g. "A photo of a {word}." adds the orthogonal projection P0; "" = P0 = I
+    concepts: Sequence[str] = ()  # the calibration subjects; empty = the subjects of the training prompts
 
 
 def candidate_prompts(
@@ -56,7 +57,7 @@ def candidate_prompts(
 
 def spurious_prompts(attributes: Sequence[str], config: DebiasVLConfig) -> list[str]:
     """Prompts naming only the attribute (``config.spurious_template``); empty when P0 is not used."""
-    if config.spurious_template is None:
+    if not config.spurious_template:
         return []
     return [
         config.spurious_template.format(word=w) for w in joint_class_words(attributes, config.class_words, "debiasVL")

@@ -136,3 +136,35 @@ def fair_guided_output(
     out = unet_fn(unet_params, inputs, jnp.full((copies * batch,), timestep, jnp.int32), context)
     out = out.reshape(copies, batch, *out.shape[1:])
     return semantic_guidance(out[0], out[1], out[2:], directions, momentum, step, guidance_scale, config)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SemanticGuide:
+    """Fair Diffusion as a sampler guide (``sampling.Guide``): the SEGA momentum is its state.
+
+    ``concept_emb`` ``[E, L, D]`` (shared by the batch), ``directions`` ``[B, E]`` (from :func:`draw_directions`).
+    """
+
+    concept_emb: jax.Array
+    directions: jax.Array
+    config: FairDiffusionConfig = FairDiffusionConfig()
+
+    def init(self, noise: jax.Array) -> jax.Array:
+        return jnp.zeros(noise.shape, jnp.float32)
+
+    def __call__(self, unet_fn, unet_params, latents, timestep, step, cond_emb, uncond_emb, guidance_scale, momentum):
+        output, momentum = fair_guided_output(
+            unet_fn,
+            unet_params,
+            latents,
+            timestep,
+            cond_emb,
+            uncond_emb,
+            self.concept_emb,
+            self.directions,
+            momentum,
+            step,
+            guidance_scale,
+            self.config,
+        )
+        return output.astype(latents.dtype), momentum

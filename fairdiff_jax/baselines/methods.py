@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fairdiff_jax.baselines import debiasvl, ethical_intervention, fair_diffusion, uce
@@ -39,7 +40,7 @@ def check_method(name: str) -> None:
 
 
 def method_defaults(name: str) -> dict:
-    """The method's hyper-parameters with the papers' defaults, as plain Python values (for config files)."""
+    """The method's hyper-parameters with the papers' defaults as plain values (dicts, tuples; for config files)."""
     check_method(name)
     return {k: _plain(v) for k, v in dataclasses.asdict(METHODS[name]()).items()}
 
@@ -48,7 +49,7 @@ def _plain(value):
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return tuple(_plain(v) for v in value)
     return value
 
 
@@ -80,6 +81,10 @@ class FairGuidance:
     def directions(self, key: jax.Array, num_images: int) -> jax.Array:
         """``[num_images, E]`` per-image directions (a class drawn from each attribute's target)."""
         return fair_diffusion.draw_directions(key, self.targets, num_images)
+
+    def guide(self, directions: jax.Array) -> fair_diffusion.SemanticGuide:
+        """The sampler guide for a batch with these per-image ``directions`` ``[B, E]``."""
+        return fair_diffusion.SemanticGuide(jnp.asarray(self.concept_emb), directions, self.config)
 
 
 @dataclasses.dataclass

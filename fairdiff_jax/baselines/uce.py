@@ -50,6 +50,10 @@ class UCEConfig:
     weight_step: float = 0.1
     max_ratio_gap: float = 0.05
     max_rounds: int = 30
+    measure_images: int = 50  # images per edited prompt and round (the authors: 5 seeds x 10)
+    measure_steps: int = 20  # sampler steps of those images (the authors: 20)
+    concepts: Sequence[str] = ()  # the edited subjects; empty = the subjects of the training prompts
+    preserve: Sequence[str] = ()  # prompts kept unchanged (the authors: the other professions of their list)
 
 
 @dataclasses.dataclass

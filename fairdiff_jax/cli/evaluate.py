@@ -1,4 +1,4 @@
-"""``fairdiff evaluate --config C [--workdir DIR] [--step N] --out OUT``: arguments ->
+"""``fairdiff evaluate --config C [--workdir DIR | --method NAME] [--step N] --out OUT``: arguments ->
 :func:`fairdiff_jax.evaluate.evaluate`."""
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from fairdiff_jax.semantic_metrics import SEMANTIC_COLUMNS
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairdiff evaluate", description="Evaluate the original and debiased model.")
+    from fairdiff_jax.baselines.methods import METHODS
+
     parser.add_argument("--workdir", help="training run folder (omit to evaluate the original model only)")
+    parser.add_argument(
+        "--method",
+        choices=sorted(METHODS),
+        default=None,
+        help="evaluate a baseline instead of a trained adaptor (settings: --config.baselines.NAME.*)",
+    )
     parser.add_argument("--out", required=True, help="where metrics.json, table.md and grids are written")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw adaptor weights instead of the EMA")
@@ -51,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         include_original=not args.no_original,
         split=args.split,
         original_images=args.original_images,
+        method=args.method,
     )
     summary = {"bias": metrics["bias"], "bias_std": metrics["bias_std"], "n_images": metrics["n_images"]}
     summary.update({key: metrics[key]["mean"] for key in SEMANTIC_COLUMNS.values() if key in metrics})

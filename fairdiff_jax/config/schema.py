@@ -154,6 +154,10 @@ def base_config() -> ConfigDict:
     )
     # clip_path / dino_path: evaluation encoders for CLIP-T / CLIP-I / DINO (separate from loss.*; "" = not computed)
     c.eval = ConfigDict({"images_per_prompt": 60, "seed": 2022, "batch_size": 32, "clip_path": "", "dino_path": ""})
+    # the comparison methods of `fairdiff evaluate --method NAME`, with their papers' defaults (fairdiff_jax/baselines)
+    from fairdiff_jax.baselines.methods import METHODS, method_defaults
+
+    c.baselines = ConfigDict({name: method_defaults(name) for name in METHODS})
     c.num_steps = 10_000
     c.checkpoint_every = 200
     c.keep_checkpoints = 3

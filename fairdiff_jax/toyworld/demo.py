@@ -52,9 +52,18 @@ def cue_accuracy(run: Run, results: Sequence[dict]) -> float:
 
 
 def measure(
-    run: Run, settings: EvalSettings, unet_params, te_params, out_dir: str, *, soft_tokens: bool, progress: bool
+    run: Run,
+    settings: EvalSettings,
+    unet_params,
+    te_params,
+    out_dir: str,
+    *,
+    soft_tokens: bool,
+    progress: bool,
+    baseline=None,
 ) -> dict:
-    """Bias metrics and cue accuracy on the debiased and the held-out occupations."""
+    """Bias metrics and cue accuracy on the debiased and the held-out occupations (of a baseline method's images
+    with ``baseline``, a ``fairdiff_jax.baselines.BaselineSetup``)."""
     section = {}
     for split, prompts in run.eval_prompts.items():
         results = generate_prompt_set(
@@ -66,6 +75,7 @@ def measure(
             os.path.join(out_dir, split),
             soft_tokens=soft_tokens,
             progress=progress,
+            baseline=baseline,
         )
         metrics = bias_metrics(results, run.task.num_classes)
         metrics["cue_accuracy"] = cue_accuracy(run, results)

@@ -171,7 +171,18 @@ def test_unet_oft_kind_is_registered_and_trained_by_the_train_step(oft_world):
     moved = [float(jnp.abs(x).max()) for x in jax.tree.leaves(new_state.params)]
     assert min(moved) > 0  # every rotated projection received a gradient
 
-    # COFT: after the update every block is back inside its radius (PEFT's in-place projection)
+
+@pytest.mark.slow  # a second train-step compilation (~20 s)
+def test_coft_parameters_stay_in_their_radius_after_a_train_step(oft_world):
+    import optax
+
+    from fairdiff_jax.train import make_batch
+    from fairdiff_jax.train_step import init_state, make_train_step, step_model
+
+    run, cfg = oft_world
+    optimizer = optax.sgd(1.0)
+    batch = make_batch(run, cfg, PROMPTS[:2], step=1)
+    # after the update every block is back inside its radius (PEFT's in-place projection)
     cfg_coft = cfg.copy_and_resolve_references()
     cfg_coft.adaptor.oft.coft, cfg_coft.adaptor.oft.eps = True, 1e-3
     coft_run = tiny_run(run.model_folder, cfg_coft)

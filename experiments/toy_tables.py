@@ -1,13 +1,16 @@
 """Toy-world Table 1 and the gradient ablation: the paper's experiments where the truth is known, on a CPU.
 
-    python experiments/toy_tables.py --root runs/toy_tables [--kinds text_lora unet_lora soft_tokens] \\
-        [--targets gender race gender+race] [--modes exact adjusted detached] [--config.num_steps=200 ...]
+    python experiments/toy_tables.py --root runs/toy_tables [--kinds text_lora unet_lora soft_tokens unet_oft] \\
+        [--methods ethical_intervention debiasvl uce fair_diffusion] [--targets gender race gender+race] \\
+        [--modes exact adjusted detached] [--config.num_steps=200 ...]
 
-Table 1 (toy): the original toy model, then one run per (debiased attribute set, adaptor kind), each evaluated
-for gender, race and their intersection on the debiased and on the held-out occupations, with the occupation-cue
-accuracy as the semantics column (the toy stand-in for CLIP-T). The ablation trains the text-encoder LoRA for
-gender with the exact, the adjusted and the detached gradient (DESIGN.md §1.1) and plots their loss and
-gradient-norm curves beside the final bias, as the paper's project page does for Stable Diffusion.
+Table 1 (toy): the original toy model, the baselines (``fairdiff_jax.baselines``, settings from
+``--config.baselines.NAME.*``), then one run per (debiased attribute set, adaptor kind), each evaluated for gender,
+race and their intersection on the debiased and on the held-out occupations, with the occupation-cue accuracy as
+the semantics column (the toy stand-in for CLIP-T). The toy text encoder was trained on "a photo of a
+{occupation}" only, so the language-based baselines meet words it never saw. The ablation trains the
+text-encoder LoRA for gender with the exact, the adjusted and the detached gradient (DESIGN.md §1.1) and plots
+their loss and gradient-norm curves beside the final bias, as the paper's project page does for Stable Diffusion.
 
 Every run lives in ``ROOT/<name>``; a finished run is reused (``row.json``), an interrupted one resumes from its
 checkpoint. Extra ``--config.*`` overrides apply to every run. Output: ``ROOT/toy_tables.md``,
@@ -25,7 +28,8 @@ from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-KINDS = ("text_lora", "unet_lora", "soft_tokens")
+KINDS = ("text_lora", "unet_lora", "soft_tokens", "unet_oft")
+METHODS = ("ethical_intervention", "debiasvl", "uce", "fair_diffusion")
 TARGETS = ("gender", "race", "gender+race")
 MODES = ("exact", "adjusted", "detached")
 EVALUATED = ("gender", "race")  # every row is measured on these and their intersection
@@ -125,6 +129,41 @@ def run_row(root: str, kind: str, target: str, mode: str, overrides: Sequence[st
     return row, train_dir
 
 
+def method_row(root: str, method: str, target: str, overrides: Sequence[str], progress: bool) -> dict:
+    """Apply baseline ``method`` debiasing ``target`` to the toy model, then measure it like the adaptor rows."""
+    from fairdiff_jax.baselines.harness import baseline_setup
+    from fairdiff_jax.evaluate import EvalSettings, original_model_id
+    from fairdiff_jax.run import build_run
+    from fairdiff_jax.toyworld.demo import demo_config, measure
+
+    name = f"{target}_{method}"
+    run_dir = os.path.join(root, name)
+    path = os.path.join(run_dir, "row.json")
+    row = _load(path)
+    if row is None:
+        started = time.perf_counter()
+        cfg = demo_config("unet_lora", target.split("+"), overrides)  # the adaptor kind is unused by a baseline
+        setup = baseline_setup(build_run(cfg), cfg, method, os.path.join(run_dir, "setup"), progress=progress)
+        eval_cfg = demo_config("unet_lora", EVALUATED, overrides)
+        eval_run = build_run(eval_cfg)
+        section = measure(
+            eval_run,
+            EvalSettings.from_config(eval_cfg),
+            eval_run.frozen["unet"] if setup.unet_params is None else setup.unet_params,
+            eval_run.frozen["text_encoder"],
+            os.path.join(run_dir, "eval"),
+            soft_tokens=False,
+            model_id=f"baseline:{method}:{target}|{original_model_id(eval_run)}",
+            progress=progress,
+            baseline=setup,
+        )
+        row = {"name": name, "kind": method, "target": target, "baseline": True}
+        row.update(_summary(section))
+        row["seconds"] = time.perf_counter() - started
+        _save(path, row)
+    return row
+
+
 def _cells(row: dict, split: str) -> list[str]:
     section = row[split]
     cells = [f"{section['bias'][c]:.3f}±{section['bias_std'][c]:.3f}" for c in COLUMNS]
@@ -133,7 +172,7 @@ def _cells(row: dict, split: str) -> list[str]:
 
 def table_markdown(original: dict, rows: Sequence[dict], split: str) -> str:
     """Table 1 in the paper's layout for one occupation split."""
-    header = "| debiased for | adaptor | gender | race | gender×race | cue accuracy |\n|---|---|---|---|---|---|\n"
+    header = "| debiased for | method | gender | race | gender×race | cue accuracy |\n|---|---|---|---|---|---|\n"
     lines = ["| — (original) | — | " + " | ".join(_cells(original, split)) + " |"]
     for row in rows:
         lines.append(
@@ -200,6 +239,7 @@ def toy_tables(
     overrides: Sequence[str] = (),
     *,
     kinds: Sequence[str] = KINDS,
+    methods: Sequence[str] = METHODS,
     targets: Sequence[str] = TARGETS,
     modes: Sequence[str] = MODES,
     progress: bool = True,
@@ -212,7 +252,11 @@ def toy_tables(
     if finished_only:
         combos = [(kind, target) for kind, target in combos if _finished(root, kind, target, "adjusted")]
         modes = [mode for mode in modes if _finished(root, "text_lora", "gender", mode)]
-    rows = [run_row(root, kind, target, "adjusted", overrides, progress)[0] for kind, target in combos]
+    baselines = [(method, target) for target in targets for method in methods]
+    if finished_only:
+        baselines = [(m, t) for m, t in baselines if os.path.exists(os.path.join(root, f"{t}_{m}", "row.json"))]
+    rows = [method_row(root, method, target, overrides, progress) for method, target in baselines]
+    rows += [run_row(root, kind, target, "adjusted", overrides, progress)[0] for kind, target in combos]
     text = ["# Toy world: Table 1 and the gradient ablation", ""]
     for split, title in (("held_out", "held-out occupations (never trained on)"), ("debiased", "trained occupations")):
         text += [f"## Table 1 (toy), {title}", "", table_markdown(original, rows, split)]
@@ -243,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="folder holding one run per row")
     parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS, help="adaptor kinds (Table 1)")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="baselines (Table 1)")
     parser.add_argument("--targets", nargs="*", default=list(TARGETS), choices=TARGETS, help="what to debias")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="ablation gradients")
     parser.add_argument("--finished-only", action="store_true", help="tabulate finished runs, train nothing")
@@ -255,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.root,
         [f"--config.{k}={v}" for k, v in pairs],
         kinds=args.kinds,
+        methods=args.methods,
         targets=args.targets,
         modes=args.modes,
         progress=not args.no_progress,

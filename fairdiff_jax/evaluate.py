@@ -1,8 +1,8 @@
 """Evaluation: fixed-noise generation per test prompt, attribute frequencies and bias, tables and grids.
 
 :func:`evaluate` generates ``eval.images_per_prompt`` images per test prompt from reproducible noise with the
-original model and with the trained adaptor (EMA weights by default) or an exported / imported adaptor folder,
-classifies them, and writes
+original model and with the trained adaptor (EMA weights by default), an exported / imported adaptor folder or a
+baseline method (``method``, see ``fairdiff_jax.baselines``), classifies them, and writes
 ``OUT/metrics.json`` (DESIGN.md §3), ``OUT/table.md`` (the layout of the paper's Table 1) and image grids with a
 colour bar per attribute under every image. Generation is resumable: each prompt's images are stored as they are
 made and are not generated again. With evaluation encoders (``eval.clip_path``, ``eval.dino_path``) it also
@@ -77,19 +77,29 @@ def generate_prompt_set(
     soft_tokens: bool,
     model_id: str,
     progress: bool = True,
+    baseline=None,
 ) -> list[dict]:
     """Generate and classify ``settings.images_per_prompt`` images for each prompt; resumable via ``out_dir``.
 
     ``model_id`` names the weights (see :func:`original_model_id`, :func:`adaptor_model_id`): stored images are
-    reused only when they were made by the same model with the same settings.
-
+    reused only when they were made by the same model with the same settings. ``baseline`` (a
+    ``fairdiff_jax.baselines.BaselineSetup``) rewrites the conditional prompt, maps its embedding or guides the
+    sampler (give its edited U-Net parameters as ``unet_params``); records keep the original prompt.
     Returns, per prompt, ``{"prompt", "images" uint8 [M,H,W,3], "labels" {attr: [M]}, "valid" [M]}``.
     """
     num_images = settings.images_per_prompt
     mesh = parallel.make_mesh()
     batch = max(mesh.size, settings.batch_size // mesh.size * mesh.size)
     sampler = settings.sampler
-    generate = make_generator(run.pipeline, sampler, run.classifier, sampler.eval_steps)
+    guidance = getattr(baseline, "guidance", None)
+    generate = make_generator(
+        run.pipeline,
+        sampler,
+        run.classifier,
+        sampler.eval_steps,
+        condition=getattr(baseline, "map_conditioning", None),
+        guide_for=None if guidance is None else guidance.guide,
+    )
     weights = parallel.replicate((unet_params, te_params, run.frozen["vae"], run.frozen["classifier"]), mesh)
     uncond_ids = parallel.replicate(jnp.asarray(tokenize(run.pipeline, [""], soft_tokens=False)), mesh)
     os.makedirs(out_dir, exist_ok=True)
@@ -103,14 +113,21 @@ def generate_prompt_set(
             results.append(stored)
             bar.update(num_images)
             continue
-        cond_ids = parallel.replicate(jnp.asarray(tokenize(run.pipeline, [prompt], soft_tokens=soft_tokens)), mesh)
-        noise = prompt_noise(run.pipeline, index, num_images, settings.seed)
+        text = prompt if baseline is None else baseline.rewrite_prompts([prompt])[0]
+        cond_ids = parallel.replicate(jnp.asarray(tokenize(run.pipeline, [text], soft_tokens=soft_tokens)), mesh)
+        per_image = [prompt_noise(run.pipeline, index, num_images, settings.seed)]
+        if guidance is not None:  # per-image guidance directions, reproducible like the noise
+            per_image.append(
+                guidance.directions(jax.random.fold_in(jax.random.PRNGKey(settings.seed + 1), index), num_images)
+            )
         chunks = []
         for start in range(0, num_images, batch):
-            chunk = noise[start : start + batch]
-            real = chunk.shape[0]
-            chunk = jnp.concatenate([chunk, jnp.zeros((batch - real,) + chunk.shape[1:])])  # one compiled shape
-            out = generate(*weights, cond_ids, uncond_ids, parallel.shard_batch(chunk, mesh))
+            parts = [x[start : start + batch] for x in per_image]
+            real = parts[0].shape[0]
+            parts = [
+                jnp.concatenate([x, jnp.zeros((batch - real,) + x.shape[1:], x.dtype)]) for x in parts
+            ]  # one shape
+            out = generate(*weights, cond_ids, uncond_ids, *(parallel.shard_batch(x, mesh) for x in parts))
             chunks.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
             bar.update(real)
         images = np.concatenate([to_uint8(c[0]) for c in chunks])[:num_images]
@@ -182,9 +199,11 @@ def evaluate(
     adaptor: str | None = None,
     run: Run | None = None,
     progress: bool = True,
+    method: str | None = None,
 ) -> dict:
-    """Evaluate the original model and/or an adaptor: the one trained in ``workdir``, or the exported or imported
-    adaptor folder ``adaptor`` (``fairdiff export`` / ``fairdiff import``); returns the metrics dict.
+    """Evaluate the original model and/or an adaptor (the one trained in ``workdir``, or the exported or imported
+    adaptor folder ``adaptor``) or the baseline ``method`` (one of ``fairdiff_jax.baselines.METHODS``,
+    hyper-parameters from ``config.baselines.<method>``); returns the metrics dict.
 
     With ``eval.clip_path`` / ``eval.dino_path`` set, every model also gets CLIP-T, and each adapted model CLIP-I /
     DINO against the original model's images: those generated here, else the per-prompt files in
@@ -199,23 +218,37 @@ def evaluate(
     if split not in run.eval_prompts:
         raise FairdiffError(f"unknown prompt split '{split}'; choose one of {sorted(run.eval_prompts)}")
     prompts = run.eval_prompts[split]
-    models = {}
+    if workdir is not None and method is not None:
+        raise FairdiffError(
+            "give --workdir (a trained adaptor) or --method (a baseline), not both; run them separately"
+        )
+    models, setup = {}, None
     if include_original:
-        models["original"] = (run.frozen["unet"], run.frozen["text_encoder"], False, original_model_id(run))
+        models["original"] = (run.frozen["unet"], run.frozen["text_encoder"], False, original_model_id(run), "original")
     if workdir is not None:
         found_step, unet_params, te_params, model_id = adapted_weights(run, workdir, step, use_ema=use_ema)
-        models[f"debiased (step {found_step})"] = (unet_params, te_params, True, model_id)
+        models[f"debiased (step {found_step})"] = (unet_params, te_params, True, model_id, "debiased")
     if adaptor is not None:
         unet_params, te_params, model_id = folder_weights(run, adaptor)
-        models[f"adaptor ({os.path.basename(os.path.normpath(adaptor))})"] = (unet_params, te_params, True, model_id)
+        name = f"adaptor ({os.path.basename(os.path.normpath(adaptor))})"
+        models[name] = (unet_params, te_params, True, model_id, "debiased")
+    if method is not None:
+        from fairdiff_jax.baselines.harness import baseline_setup
+
+        setup = baseline_setup(run, cfg, method, os.path.join(out, method), progress=progress)
+        unet_params = run.frozen["unet"] if setup.unet_params is None else setup.unet_params
+        settings_json = json.dumps(cfg.baselines[method].to_dict(), sort_keys=True, default=str)
+        model_id = f"baseline:{method}:{settings_json}|{original_model_id(run)}"
+        models[method] = (unet_params, run.frozen["text_encoder"], False, model_id, method)
     if not models:
         raise FairdiffError(
-            "nothing to evaluate: give --workdir with a trained adaptor or --adaptor DIR, or include the original model"
+            "nothing to evaluate: give --workdir with a trained adaptor, --adaptor DIR or --method NAME, or include "
+            "the original model"
         )
     scorer = load_semantic_scorer(cfg.eval.clip_path, cfg.eval.dino_path, batch_size=settings.batch_size)
     report, embeddings = {}, {}
-    for name, (unet_params, te_params, soft, model_id) in models.items():
-        folder = os.path.join(out, "original" if name == "original" else "debiased", split)
+    for name, (unet_params, te_params, soft, model_id, folder_name) in models.items():
+        folder = os.path.join(out, folder_name, split)
         results = generate_prompt_set(
             run,
             settings,
@@ -226,6 +259,7 @@ def evaluate(
             soft_tokens=soft,
             model_id=model_id,
             progress=progress,
+            baseline=setup if name == method else None,
         )
         report[name] = bias_metrics(results, run.task.num_classes)
         if scorer is not None:
@@ -241,6 +275,8 @@ def evaluate(
             report[name].update(semantic_metrics(embeds, text_embeds, None if name == "original" else original))
     main = report[list(report)[-1]]
     metrics = dict(main, models=report, split=split)
+    if setup is not None:
+        metrics["baseline"] = {"method": method, "settings": cfg.baselines[method].to_dict(), **setup.info}
     if is_main_process():
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:

@@ -8,7 +8,7 @@ VAE, the noise schedule and the adaptor's soft-token layout); the weights travel
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -112,8 +112,10 @@ def generate_images(
     *,
     max_steps: int,
     gradient_mode: str,
+    guide: sampling.Guide | None = None,
 ) -> jax.Array:
-    """Images ``[B, H, W, 3]`` in [-1, 1] from noise ``[B, C, h, w]`` and conditioning ``[B, L, D]``."""
+    """Images ``[B, H, W, 3]`` in [-1, 1] from noise ``[B, C, h, w]`` and conditioning ``[B, L, D]``; ``guide``
+    replaces classifier-free guidance (a baseline's sampling-time guidance)."""
     latents = sampling.sample_latents(
         sampling.unet_apply_fn(pipeline.unet),
         unet_params,
@@ -128,19 +130,32 @@ def generate_images(
         gradient_mode=gradient_mode,
         remat_policy=sampler.remat_policy,
         unroll=sampler.unroll,
+        guide=guide,
     )
     if pipeline.vae is None:  # pixel space: the samples are the images
         return jnp.clip(jnp.transpose(latents, (0, 2, 3, 1)), -1.0, 1.0)
     return sampling.decode_latents(pipeline.vae, vae_params, latents, pipeline.vae_scaling_factor)
 
 
-def make_generator(pipeline: Pipeline, sampler: SamplerSettings, classifier, num_steps: int):
+def make_generator(
+    pipeline: Pipeline,
+    sampler: SamplerSettings,
+    classifier,
+    num_steps: int,
+    *,
+    condition: Callable[[jax.Array], jax.Array] | None = None,
+    guide_for: Callable[..., sampling.Guide] | None = None,
+):
     """A jitted ``generate(unet_params, te_params, vae_params, classifier_params, cond_ids [1,L], uncond_ids [1,L],
-    noise [B,...]) -> (images, predicted classes {attr: [B]}, valid [B])`` without gradient, ``num_steps`` steps."""
+    noise [B,...], *guide_args) -> (images, predicted classes {attr: [B]}, valid [B])`` without gradient,
+    ``num_steps`` steps. A baseline may map the conditional embedding (``condition``, ``[B,L,D] -> [B,L,D]``) or
+    guide the sampler with ``guide_for(*guide_args)`` (per-image arrays, batched like ``noise``)."""
 
-    def generate(unet_params, te_params, vae_params, classifier_params, cond_ids, uncond_ids, noise):
+    def generate(unet_params, te_params, vae_params, classifier_params, cond_ids, uncond_ids, noise, *guide_args):
         cond = embed(pipeline, te_params, cond_ids)
         uncond = embed(pipeline, te_params, uncond_ids)
+        if condition is not None:
+            cond = condition(cond)
         cond = jnp.broadcast_to(cond, (noise.shape[0],) + cond.shape[1:])
         images = generate_images(
             pipeline,
@@ -153,6 +168,7 @@ def make_generator(pipeline: Pipeline, sampler: SamplerSettings, classifier, num
             num_steps,
             max_steps=num_steps,
             gradient_mode="detached",
+            guide=None if guide_for is None else guide_for(*guide_args),
         )
         logits, valid = classifier(classifier_params, images)
         return images, {name: jnp.argmax(value, -1) for name, value in logits.items()}, valid

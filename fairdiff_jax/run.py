@@ -72,6 +72,7 @@ def adaptor_spec_from_config(cfg: ConfigDict, model_folder: str, unet_params, te
         alpha=a.alpha,
         num_tokens=a.num_tokens,
         ema_decay=a.ema_decay,
+        oft=a.oft.to_dict(),
     )
 
 

@@ -16,7 +16,7 @@ The solver's own linear update stays differentiable in every mode.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from fairdiff_jax.schedules import (
 
 __all__ = [
     "GRADIENT_MODES",
+    "Guide",
     "REMAT_POLICIES",
     "checkpoint_policy",
     "SOLVERS",
@@ -63,6 +64,19 @@ _POLICIES = {
 REMAT_POLICIES = tuple(_POLICIES)
 
 UNetFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class Guide(Protocol):
+    """A guidance rule with state carried across steps, in place of classifier-free guidance (e.g. Fair Diffusion's
+    semantic guidance, ``fairdiff_jax.baselines.fair_diffusion.SemanticGuide``)."""
+
+    def init(self, noise: jax.Array) -> Any:
+        """The state before the first step (a pytree)."""
+
+    def __call__(
+        self, unet_fn: UNetFn, unet_params, latents, timestep, step, cond_emb, uncond_emb, guidance_scale, state
+    ) -> tuple[jax.Array, Any]:
+        """``(guided model output [B,C,h,w], new state)`` at 0-based step ``step``."""
 
 
 def unet_apply_fn(unet) -> UNetFn:
@@ -157,6 +171,7 @@ def sample_latents(
     gradient_mode: str = "adjusted",
     remat_policy: str = "full",
     unroll: int | bool = 1,
+    guide: Guide | None = None,
 ) -> jax.Array:
     """Run the sampler from ``noise`` ``[B,4,h,w]`` and return the final latents ``[B,4,h,w]``.
 
@@ -177,6 +192,7 @@ def sample_latents(
       unroll: ``lax.scan`` unrolling. XLA:CPU runs the rolled loop's gradient ~2.5x slower (tiny U-Net, 10
         steps), but unrolling costs compile time and, measured on CPU, loses the flat memory of per-step
         remat (benchmarks/dft_step.py: 64 -> 602 MiB temp); keep 1 unless speed on CPU matters more.
+      guide: a stateful guidance rule used instead of :func:`guided_output` (its state is kept on padded steps).
     """
     check_solver(solver)
     _check_mode(gradient_mode)
@@ -192,10 +208,16 @@ def sample_latents(
 
     # The step closes over the parameters and embeddings: passing them as explicit arguments of the
     # checkpointed step made the backward pass about 3x slower on CPU.
-    def step(carry, xs: StepTable):
-        latents, prev_x0 = carry
+    def step(carry, inputs: tuple[StepTable, jax.Array]):
+        (latents, prev_x0, guide_state), (xs, index) = carry, inputs
         unet_input = latents if gradient_mode == "exact" else jax.lax.stop_gradient(latents)
-        output = guided_output(unet_fn, unet_params, unet_input, xs.timestep, cond_emb, uncond_emb, guidance_scale)
+        if guide is None:
+            output = guided_output(unet_fn, unet_params, unet_input, xs.timestep, cond_emb, uncond_emb, guidance_scale)
+        else:
+            output, new_state = guide(
+                unet_fn, unet_params, unet_input, xs.timestep, index, cond_emb, uncond_emb, guidance_scale, guide_state
+            )
+            guide_state = jax.tree.map(lambda new, old: jnp.where(xs.active, new, old), new_state, guide_state)
         if gradient_mode == "adjusted":
             output = scale_cotangent(output, xs.grad_scale)
         x0 = (xs.x0_from_latent * latents + xs.x0_from_output * output).astype(latents.dtype)
@@ -203,13 +225,14 @@ def sample_latents(
         new_latents = xs.coef_latent * latents + xs.coef_x0 * x0 + xs.coef_prev_x0 * prev_x0 + xs.coef_eps * eps
         # padded steps (past num_steps) keep the carry exactly
         new_latents = jnp.where(xs.active, new_latents.astype(latents.dtype), latents)
-        return (new_latents, jnp.where(xs.active, x0, prev_x0)), None
+        return (new_latents, jnp.where(xs.active, x0, prev_x0), guide_state), None
 
     if remat_policy != "none":
         # inside a rolled scan CSE cannot undo the remat; once unrolled, it must be prevented explicitly
         rolled = unroll is False or unroll == 1
         step = jax.checkpoint(step, policy=policy, prevent_cse=not rolled)
-    (latents, _), _ = jax.lax.scan(step, (noise, jnp.zeros_like(noise)), table, unroll=unroll)
+    start = (noise, jnp.zeros_like(noise), () if guide is None else guide.init(noise))
+    (latents, _, _), _ = jax.lax.scan(step, start, (table, jnp.arange(max_steps)), unroll=unroll)
     return latents
 
 

@@ -21,7 +21,7 @@ import optax
 
 from fairdiff_jax.adaptors import ema_update
 from fairdiff_jax.adaptors.spec import AdaptorSpec
-from fairdiff_jax.adaptors.transform import apply_adaptor, init_adaptor
+from fairdiff_jax.adaptors.transform import apply_adaptor, init_adaptor, project_adaptor
 from fairdiff_jax.alignment import alignment_cross_entropy, distributional_alignment_grouped, semantic_weights
 from fairdiff_jax.alignment.semantic import semantic_loss
 from fairdiff_jax.errors import FairdiffError
@@ -260,9 +260,10 @@ def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, 
 
 
 def apply_update(model: StepModel, optimizer, state: TrainState, grads, loss) -> tuple[TrainState, dict]:
-    """AdamW and EMA, unless the loss, the gradient or the update is non-finite (the state is then kept, counted)."""
+    """AdamW (then COFT's projection, for a constrained OFT) and EMA, unless the loss, the gradient or the update is
+    non-finite (the state is then kept and counted)."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = project_adaptor(model.spec, optax.apply_updates(state.params, updates))  # COFT's constraint
     update_norm = optax.global_norm(updates)
     # an overflowing update norm or parameter norm (|x| beyond ~1e19) counts as non-finite: such a step has blown up
     finite = (

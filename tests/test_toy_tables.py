@@ -29,6 +29,7 @@ def test_toy_tables_end_to_end(tiny_toy_world, tmp_path, monkeypatch, capsys):
     root = str(tmp_path / "tables")
     # the Table-1 row trains soft tokens (the frozen base encoder then runs in the grown module), the ablation LoRA
     args = ["--root", root, "--kinds", "soft_tokens", "--targets", "gender+race", "--modes", "exact", "detached"]
+    args += ["--methods"]  # no baseline rows here (tests/test_toy_tables_baselines.py has them)
     assert toy_tables.main(args + ["--no-progress"] + TINY) == 0
     markdown = capsys.readouterr().out
     with open(os.path.join(root, "toy_tables.md")) as f:

@@ -7,6 +7,8 @@
   ``pipe.load_lora_weights(OUT)`` at its default scale 1.0 reproduces our delta exactly.
 - ``learned_embeds.safetensors``: ``{token: [n, d]}``; ``pipe.load_textual_inversion(path)`` registers
   ``token, token_1, ...`` and expands ``token`` in prompts, as our soft tokens do.
+- ``unet_oft/`` (``text_encoder_oft/``): a PEFT OFT adaptor folder (``adapter_config.json`` +
+  ``adapter_model.safetensors``); ``PeftModel.from_pretrained(pipe.unet, OUT/unet_oft)`` reproduces our rotations.
 - ``adaptor.json`` + ``flax_adaptor/``: the Flax adaptor (orbax) with its base-model fingerprint.
 """
 
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 
 from fairdiff_jax.adaptors.lora import lora_modules
+from fairdiff_jax.adaptors.oft import export_peft_oft
 from fairdiff_jax.adaptors.spec import METADATA_FILE, AdaptorSpec, read_adaptor_metadata
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.models.convert import pt_module_name
@@ -26,6 +29,7 @@ from fairdiff_jax.models.safetensors_io import write_safetensors
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TEXTUAL_INVERSION_NAME = "learned_embeds.safetensors"
+OFT_FOLDER_SUFFIX = "_oft"  # OUT/<component>_oft: one PEFT adaptor folder per adapted component
 
 
 def peft_lora_state_dict(lora_params: Mapping[str, Mapping], *, scale: float) -> dict[str, np.ndarray]:
@@ -81,6 +85,8 @@ def export_adaptor(spec: AdaptorSpec, params: Mapping, out_dir: str) -> list[str
         written.append(export_peft_lora(params["lora"], out_dir, scale=spec.lora_scale))
     if "soft_tokens" in params:
         written.append(export_textual_inversion(params["soft_tokens"], spec.soft_token, out_dir))
+    for component, tree in sorted(params.get("oft", {}).items()):
+        written.append(export_peft_oft(tree, spec.oft_settings, os.path.join(out_dir, component + OFT_FOLDER_SUFFIX)))
     written.append(os.path.join(out_dir, METADATA_FILE))
     from fairdiff_jax.checkpoints import save_flax_adaptor
 

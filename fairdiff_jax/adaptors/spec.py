@@ -1,4 +1,5 @@
-"""What an adaptor is: its spec (``adaptor.json``: kind, LoRA targets/rank/alpha, soft tokens) and a fingerprint of
+"""What an adaptor is: its spec (``adaptor.json``: kind, LoRA targets/rank/alpha, OFT targets and settings, soft
+tokens) and a fingerprint of
 the base model it was trained on, checked whenever it is applied to weights.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from fairdiff_jax.adaptors import lora as lora_lib
+from fairdiff_jax.adaptors import oft as oft_lib
 from fairdiff_jax.adaptors import soft_tokens as soft_lib
 from fairdiff_jax.adaptors.ema import PAPER_EMA_DECAY
 from fairdiff_jax.errors import FairdiffError
@@ -24,8 +26,10 @@ METADATA_FILE = "adaptor.json"
 _FORMAT = "fairdiff-adaptor/1"
 _COMPONENTS = ("unet", "text_encoder")
 # The adaptor kinds a config may name (adaptor.kind) and the LoRA components each adapts.
-ADAPTOR_KINDS = ("text_lora", "unet_lora", "both", "soft_tokens")
+ADAPTOR_KINDS = ("text_lora", "unet_lora", "both", "soft_tokens", "unet_oft")
 _LORA_COMPONENTS = {"text_lora": ("text_encoder",), "unet_lora": ("unet",), "both": ("text_encoder", "unet")}
+_OFT_COMPONENTS = {"unet_oft": ("unet",)}
+LORA_KINDS, OFT_KINDS = tuple(_LORA_COMPONENTS), tuple(_OFT_COMPONENTS)
 
 
 @dataclasses.dataclass
@@ -38,12 +42,18 @@ class AdaptorSpec:
     lora_targets: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # component -> regexes
     num_soft_tokens: int = 0  # 0: no soft tokens
     soft_token: str = soft_lib.DEFAULT_TOKEN
+    oft_targets: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # component -> regexes; {}: no OFT
+    oft: dict = dataclasses.field(default_factory=dict)  # oft.OFTSettings fields
     ema_decay: float = PAPER_EMA_DECAY
     fingerprint: dict = dataclasses.field(default_factory=dict)
 
     @property
     def lora_scale(self) -> float:
         return lora_lib.lora_scale(self.lora_rank, self.lora_alpha)
+
+    @property
+    def oft_settings(self) -> oft_lib.OFTSettings:
+        return oft_lib.OFTSettings(**self.oft)
 
     def to_json(self) -> dict:
         return {"format": _FORMAT, **dataclasses.asdict(self)}
@@ -65,6 +75,12 @@ def _weights_of(spec: AdaptorSpec, unet_params: Mapping | None, text_encoder_par
             raise FairdiffError(f"the adaptor adapts the {component} but no {component} parameters were given.")
         flat = flatten_dict(dict(trees[component]))
         for module in lora_lib.find_lora_targets(trees[component], patterns):
+            weights[component + "/" + "/".join(module)] = flat[module + ("kernel",)]
+    for component, patterns in spec.oft_targets.items():
+        if trees.get(component) is None:
+            raise FairdiffError(f"the adaptor adapts the {component} but no {component} parameters were given.")
+        flat = flatten_dict(dict(trees[component]))
+        for module in oft_lib.find_oft_targets(trees[component], patterns):
             weights[component + "/" + "/".join(module)] = flat[module + ("kernel",)]
     if spec.num_soft_tokens:
         if text_encoder_params is None:
@@ -107,23 +123,33 @@ def make_adaptor_spec(
     num_soft_tokens: int = 0,
     soft_token: str = soft_lib.DEFAULT_TOKEN,
     ema_decay: float = PAPER_EMA_DECAY,
+    oft_targets: Sequence[str] | Mapping[str, Sequence[str]] = (),
+    oft: Mapping | None = None,
 ) -> AdaptorSpec:
     """An :class:`AdaptorSpec` fingerprinted against the given base weights.
 
-    ``lora_targets``: component names (``["text_encoder"]``, ``["unet"]``, both) for the paper's default
-    target sets, or ``{component: [regex, ...]}``. ``lora_alpha`` defaults to ``lora_rank`` (scale 1).
+    ``lora_targets`` / ``oft_targets``: component names (``["text_encoder"]``, ``["unet"]``, both) for the
+    paper's default target sets, or ``{component: [regex, ...]}``. ``lora_alpha`` defaults to ``lora_rank``
+    (scale 1). ``oft``: :class:`fairdiff_jax.adaptors.oft.OFTSettings` fields (PEFT's defaults when omitted).
     """
+    oft_settings = dataclasses.asdict(oft_lib.OFTSettings(**dict(oft or {})))  # validated here
+    if isinstance(oft_targets, Mapping):
+        oft_targets = {c: list(p) for c, p in oft_targets.items()}
+    else:
+        oft_targets = {c: list(lora_lib.DEFAULT_TARGETS.get(c, ())) for c in oft_targets}
     if isinstance(lora_targets, Mapping):
         targets = {c: list(p) for c, p in lora_targets.items()}
     else:
         targets = {c: list(lora_lib.DEFAULT_TARGETS.get(c, ())) for c in lora_targets}
-    unknown = sorted(set(targets) - set(_COMPONENTS))
+    unknown = sorted((set(targets) | set(oft_targets)) - set(_COMPONENTS))
     if unknown:
-        raise FairdiffError(f"unknown LoRA component(s) {unknown}; choose from {list(_COMPONENTS)}.")
+        raise FairdiffError(f"unknown LoRA/OFT component(s) {unknown}; choose from {list(_COMPONENTS)}.")
     if bool(lora_rank) != bool(targets):
         raise FairdiffError("give both a LoRA rank >= 1 and at least one LoRA component, or neither.")
-    if not lora_rank and not num_soft_tokens:
-        raise FairdiffError("the adaptor has neither LoRA nor soft tokens; set a LoRA rank or a number of soft tokens.")
+    if not lora_rank and not num_soft_tokens and not oft_targets:
+        raise FairdiffError(
+            "the adaptor has no LoRA, OFT or soft tokens; set a LoRA rank, OFT targets or a number of soft tokens."
+        )
     alpha = float(lora_rank if lora_alpha is None else lora_alpha)
     spec = AdaptorSpec(
         base_model=str(base_model),
@@ -133,6 +159,8 @@ def make_adaptor_spec(
         num_soft_tokens=int(num_soft_tokens),
         soft_token=str(soft_token),
         ema_decay=float(ema_decay),
+        oft_targets=oft_targets,
+        oft=oft_settings if oft_targets else {},
     )
     if lora_rank:
         lora_lib.lora_scale(spec.lora_rank, spec.lora_alpha)
@@ -150,8 +178,10 @@ def spec_for_kind(
     alpha: float,
     num_tokens: int,
     ema_decay: float,
+    oft: Mapping | None = None,
 ) -> AdaptorSpec:
-    """The spec of one of :data:`ADAPTOR_KINDS` with the paper's target sets (``lora.DEFAULT_TARGETS``)."""
+    """The spec of one of :data:`ADAPTOR_KINDS` with the paper's target sets (``lora.DEFAULT_TARGETS``; OFT rotates
+    the same U-Net attention projections as the U-Net LoRA). ``oft``: the OFT settings of an OFT kind."""
     if kind not in ADAPTOR_KINDS:
         raise FairdiffError(f"unknown adaptor kind '{kind}'; choose one of {', '.join(ADAPTOR_KINDS)}")
     components = _LORA_COMPONENTS.get(kind, ())
@@ -165,6 +195,8 @@ def spec_for_kind(
         lora_targets=targets,
         num_soft_tokens=int(num_tokens) if kind == "soft_tokens" else 0,
         ema_decay=float(ema_decay),
+        oft_targets=list(_OFT_COMPONENTS.get(kind, ())),
+        oft=oft if kind in _OFT_COMPONENTS else None,
     )
 
 

@@ -1,6 +1,7 @@
 """Adaptors as pure parameter transforms: the initial trainable tree of a spec, and the frozen weights with it
-applied (LoRA deltas added, soft-token rows appended). Trainable parameters are one pytree
-``{"lora": {"unet": ..., "text_encoder": ...}, "soft_tokens": [n, d]}`` (only the parts the spec uses).
+applied (LoRA deltas added, OFT rotations applied, soft-token rows appended). Trainable parameters are one pytree
+``{"lora": {"unet": ..., "text_encoder": ...}, "oft": {component: ...}, "soft_tokens": [n, d]}`` (only the parts
+the spec uses).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import jax
 
 from fairdiff_jax.adaptors import lora as lora_lib
+from fairdiff_jax.adaptors import oft as oft_lib
 from fairdiff_jax.adaptors import soft_tokens as soft_lib
 from fairdiff_jax.adaptors.spec import AdaptorSpec, _mismatch, _shapes_digest, _weights_of
 
@@ -18,7 +20,8 @@ from fairdiff_jax.adaptors.spec import AdaptorSpec, _mismatch, _shapes_digest, _
 def init_adaptor(
     key: jax.Array, spec: AdaptorSpec, unet_params: Mapping | None, text_encoder_params: Mapping | None
 ) -> dict:
-    """Initial trainable parameters ``{"lora": {component: tree}, "soft_tokens": [n, d]}`` for ``spec``."""
+    """Initial trainable parameters ``{"lora": {component: tree}, "oft": {component: tree}, "soft_tokens": [n, d]}``
+    for ``spec`` (OFT starts at the identity rotation, LoRA at a zero delta)."""
     trees = {"unet": unet_params, "text_encoder": text_encoder_params}
     lora_key, soft_key = jax.random.split(key)
     params: dict = {}
@@ -27,6 +30,11 @@ def init_adaptor(
         params["lora"] = {
             component: lora_lib.init_lora(k, trees[component], patterns, spec.lora_rank)
             for k, (component, patterns) in zip(keys, sorted(spec.lora_targets.items()))
+        }
+    if spec.oft_targets:
+        params["oft"] = {
+            component: oft_lib.init_oft(trees[component], patterns, spec.oft_settings)
+            for component, patterns in sorted(spec.oft_targets.items())
         }
     if spec.num_soft_tokens:
         table_rows = soft_lib.token_embedding(text_encoder_params).shape[0]
@@ -53,6 +61,18 @@ def apply_adaptor(
     trees = {"unet": unet_params, "text_encoder": text_encoder_params}
     for component, lora_tree in adaptor_params.get("lora", {}).items():
         trees[component] = lora_lib.apply_lora(trees[component], lora_tree, scale=spec.lora_scale)
+    for component, oft_tree in adaptor_params.get("oft", {}).items():
+        trees[component] = oft_lib.apply_oft(trees[component], oft_tree, spec.oft_settings)
     if "soft_tokens" in adaptor_params:
         trees["text_encoder"] = soft_lib.apply_soft_tokens(trees["text_encoder"], adaptor_params["soft_tokens"])
     return trees["unet"], trees["text_encoder"]
+
+
+def project_adaptor(spec: AdaptorSpec, adaptor_params: Mapping) -> Any:
+    """The parameters after an optimiser update with COFT's constraint enforced (PEFT projects its OFT parameter
+    in place before every forward pass); the identity for every other adaptor."""
+    if "oft" not in adaptor_params or not spec.oft_settings.coft:
+        return adaptor_params
+    projected = dict(adaptor_params)
+    projected["oft"] = {c: oft_lib.project_oft(tree, spec.oft_settings) for c, tree in adaptor_params["oft"].items()}
+    return projected

@@ -1,4 +1,4 @@
-"""``fairdiff evaluate --config C [--workdir DIR [--step N] | --adaptor DIR] --out OUT``: arguments ->
+"""``fairdiff evaluate --config C [--workdir DIR [--step N] | --adaptor DIR | --method NAME] --out OUT``: arguments ->
 :func:`fairdiff_jax.evaluate.evaluate`."""
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ from fairdiff_jax.semantic_metrics import SEMANTIC_COLUMNS
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairdiff evaluate", description="Evaluate the original and debiased model.")
+    from fairdiff_jax.baselines.methods import METHODS
+
     parser.add_argument("--workdir", help="training run folder (omit to evaluate the original model only)")
+    parser.add_argument(
+        "--method",
+        choices=sorted(METHODS),
+        default=None,
+        help="evaluate a baseline instead of a trained adaptor (settings: --config.baselines.NAME.*)",
+    )
     parser.add_argument("--out", required=True, help="where metrics.json, table.md and grids are written")
     parser.add_argument(
         "--adaptor",
@@ -61,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split=args.split,
         original_images=args.original_images,
         adaptor=args.adaptor,
+        method=args.method,
     )
     summary = {"bias": metrics["bias"], "bias_std": metrics["bias_std"], "n_images": metrics["n_images"]}
     summary.update({key: metrics[key]["mean"] for key in SEMANTIC_COLUMNS.values() if key in metrics})

@@ -98,6 +98,18 @@ def base_config() -> ConfigDict:
         {"world": DEFAULT_WORLD, "path": "models/stable-diffusion-v1-5", "dtype": "bfloat16", "variant": ""}
     )
     c.adaptor = ConfigDict({"kind": "text_lora", "rank": 50, "alpha": 50.0, "num_tokens": 5, "ema_decay": 0.996})
+    # OFT (adaptor.kind=unet_oft): fairdiff_jax.adaptors.oft.OFTSettings, PEFT's defaults but the exact Cayley map
+    c.adaptor.oft = ConfigDict(
+        {
+            "block_size": 32,
+            "num_blocks": 0,
+            "coft": False,
+            "eps": 6e-5,
+            "block_share": False,
+            "cayley_neumann": False,
+            "num_neumann_terms": 5,
+        }
+    )
     c.sampler = ConfigDict(
         {
             "solver": "dpmpp_2m",
@@ -144,6 +156,10 @@ def base_config() -> ConfigDict:
     )
     # clip_path / dino_path: evaluation encoders for CLIP-T / CLIP-I / DINO (separate from loss.*; "" = not computed)
     c.eval = ConfigDict({"images_per_prompt": 60, "seed": 2022, "batch_size": 32, "clip_path": "", "dino_path": ""})
+    # the comparison methods of `fairdiff evaluate --method NAME`, with their papers' defaults (fairdiff_jax/baselines)
+    from fairdiff_jax.baselines.methods import METHODS, method_defaults
+
+    c.baselines = ConfigDict({name: method_defaults(name) for name in METHODS})
     c.num_steps = 10_000
     c.checkpoint_every = 200
     c.keep_checkpoints = 3

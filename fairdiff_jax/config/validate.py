@@ -90,8 +90,13 @@ def _check_ranges(cfg: ConfigDict) -> None:
             raise FairdiffError(f"config train.{key}={cfg.train[key]} must be a positive integer")
     if cfg.train.microbatch < 0:  # whether it divides the images of a device is checked by train(), which knows
         raise FairdiffError(f"train.microbatch={cfg.train.microbatch} must be 0 (all images at once) or positive")
-    if cfg.adaptor.kind != "soft_tokens" and cfg.adaptor.rank < 1:
+    from fairdiff_jax.adaptors.oft import OFTSettings
+    from fairdiff_jax.adaptors.spec import LORA_KINDS, OFT_KINDS
+
+    if cfg.adaptor.kind in LORA_KINDS and cfg.adaptor.rank < 1:
         raise FairdiffError(f"adaptor.rank={cfg.adaptor.rank} must be >= 1 for LoRA adaptors")
+    if cfg.adaptor.kind in OFT_KINDS:
+        OFTSettings(**cfg.adaptor.oft.to_dict())  # one-line errors for a bad block layout or COFT radius
 
 
 def validate_config(cfg: ConfigDict) -> None:

@@ -61,9 +61,11 @@ def measure(
     soft_tokens: bool,
     model_id: str,
     progress: bool,
+    baseline=None,
 ) -> dict:
     """Bias metrics and cue accuracy on the debiased and the held-out occupations (``model_id``: see
-    ``evaluate.original_model_id`` / ``adaptor_model_id``; stored images of another model are regenerated)."""
+    ``evaluate.original_model_id`` / ``adaptor_model_id``; stored images of another model are regenerated; of a
+    baseline method's images with ``baseline``, a ``fairdiff_jax.baselines.BaselineSetup``)."""
     section = {}
     for split, prompts in run.eval_prompts.items():
         results = generate_prompt_set(
@@ -76,6 +78,7 @@ def measure(
             soft_tokens=soft_tokens,
             model_id=model_id,
             progress=progress,
+            baseline=baseline,
         )
         metrics = bias_metrics(results, run.task.num_classes)
         metrics["cue_accuracy"] = cue_accuracy(run, results)

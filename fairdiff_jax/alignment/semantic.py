@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.gradients import scale_gradient
 
 FeatureExtractor = Callable[[jax.Array], jax.Array]  # images [B, H, W, 3] in [-1, 1] -> [B, D]
@@ -44,6 +45,53 @@ def semantic_weights(
         same = (label >= 0) & (label == original_labels[name])
         keep = same if keep is None else keep & same
     return jnp.where(keep, 1.0, factor)
+
+
+def mismatch_factor(
+    labels: Mapping[str, jax.Array],
+    original_labels: Mapping[str, jax.Array],
+    has_face: jax.Array,
+    factors: Mapping[str, float],
+    *,
+    no_face: float | None = None,
+) -> jax.Array:
+    """Per-image factor ``[B]`` chosen as the paper's authors choose factor1 (and factor2), attribute by attribute.
+
+    ``labels`` are the dynamic targets (−1 = none), ``original_labels`` the original image's predicted classes
+    (−1 where the original has no face), ``has_face`` ``[B]`` whether the generated image has a face,
+    ``factors`` the factor of each attribute (same names as ``labels``). Rules of
+    sail-sg/finetune-fair-diffusion, ``gen_dynamic_weights`` in exp-{1,2,6}-*/1-main-debias.py (one attribute)
+    and exp-3-debias-gender-race, exp-4-debias-gender-race-age, exp-5-*/1-main-debias.py (several):
+
+    - one attribute: no face → 1; a target of −1 or one that differs from the original class → its factor;
+      else 1;
+    - several: no face → the minimum of all factors; else the minimum factor over the attributes whose target
+      differs from the original class (a raw comparison, so −1 against an original −1 counts as agreeing, as
+      there), 1 when none differs.
+
+    ``no_face`` overrides the no-face value (e.g. 1 for factor2, where the authors hook no gradient).
+    """
+    names = list(labels)
+    if not names or set(names) != set(factors) or not set(names) <= set(original_labels):
+        raise FairdiffError(
+            f"mismatch_factor needs one factor and one original label per attribute; got labels for {names}, "
+            f"factors for {sorted(factors)} and original labels for {sorted(original_labels)}."
+        )
+    has_face = jnp.asarray(has_face, bool)
+    if len(names) == 1:
+        name = names[0]
+        label, original = jnp.asarray(labels[name]), jnp.asarray(original_labels[name])
+        with_face = jnp.where((label < 0) | (label != original), float(factors[name]), 1.0)
+        default_no_face = 1.0
+    else:
+        smallest = jnp.full(has_face.shape, jnp.inf, jnp.float32)  # over the attributes that differ
+        for name in names:
+            differs = jnp.asarray(labels[name]) != jnp.asarray(original_labels[name])
+            smallest = jnp.where(differs, jnp.minimum(smallest, float(factors[name])), smallest)
+        with_face = jnp.where(jnp.isinf(smallest), 1.0, smallest)
+        default_no_face = min(float(factors[n]) for n in names)
+    value = default_no_face if no_face is None else float(no_face)
+    return jnp.where(has_face, with_face, value).astype(jnp.float32)
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:

@@ -133,6 +133,25 @@ def conditional_prompt_ids(
     return np.asarray(ids, dtype=np.int32)
 
 
+# "max_length": every text padded to the tokenizer's length (77 for SD; what diffusers' pipelines encode);
+# "prompt": padded to the prompt's own length with an attention mask, and "" padded to that length — the
+# paper authors' ``tokenizer(prompts, padding=True)`` (sail-sg/finetune-fair-diffusion, exp-*/1-main-debias.py
+# and gen-images.py, ``generate_image*``)
+PROMPT_PADDINGS = ("max_length", "prompt")
+
+
+def token_length(tokenizer, texts: Sequence[str]) -> int:
+    """The longest tokenised length of ``texts`` (with BOS and EOS), at most the tokenizer's max length."""
+    ids = tokenizer(list(texts), truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return max(len(row) for row in ids)
+
+
+def padded_tokens(tokenizer, texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, attention_mask)``, each ``[B, length]`` int32: ``texts`` padded (or truncated) to ``length``."""
+    out = tokenizer(list(texts), padding="max_length", max_length=int(length), truncation=True)
+    return np.asarray(out["input_ids"], np.int32), np.asarray(out["attention_mask"], np.int32)
+
+
 def prompt_ids(tokenizer, prompts: Sequence[str], *, max_length: int | None = None) -> np.ndarray:
     """``[B, L]`` int32 ids of plain prompts (the unconditional "" and base-model prompts)."""
     length = int(max_length or tokenizer.model_max_length)

@@ -2,6 +2,7 @@
 
     python experiments/reproduce.py --table 1 --sd /data/sd15 --root runs/table1 \\
         --classifier gender=/data/cls/gender --classifier race=/data/cls/race \\
+        [--eval-classifier gender=/data/eval_cls/gender --eval-classifier race=/data/eval_cls/race] \\
         [--clip /data/clip --dino /data/dinov2] [--eval-clip /data/eval_clip --eval-dino /data/eval_dino] \\
         [--config.num_steps=10000 ...]
 
@@ -9,6 +10,8 @@ Each row's run lives in ``ROOT/<config>``; a finished run is reused (training re
 checkpoint, evaluation reuses stored images). Extra ``--config.*`` overrides apply to every run. ``--clip`` /
 ``--dino`` are the training loss's encoders; ``--eval-clip`` / ``--eval-dino`` the evaluation's (CLIP-T, CLIP-I,
 DINO). Those columns are filled only when evaluation encoders are given; otherwise they show "—".
+``--eval-classifier`` names the classifiers that score the tables (the paper's are trained separately from the
+training ones); without them the training classifier scores, which overstates debiasing, and the table says so.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def run_row(
     *,
     train_steps: int | None,
     prompt_set: str | None,
+    eval_classifiers: dict[str, str] | None = None,
 ):
     """Train (resume) the run in ``workdir`` and evaluate the original and the debiased model."""
     from fairdiff_jax.config import attribute_names, load_config
@@ -75,9 +79,11 @@ def run_row(
     from fairdiff_jax.train import train
 
     names = attribute_names(load_config(os.path.join(ROOT, "configs", config), validate=False))
+    eval_classifiers = eval_classifiers or {}
     extra = list(overrides) + [
         f"--config.attributes.{a}.classifier={classifiers[a]}" for a in names if a in classifiers
     ]
+    extra += [f"--config.attributes.{a}.eval_classifier={eval_classifiers[a]}" for a in names if a in eval_classifiers]
     extra += [f"--config.num_steps={train_steps}"] if train_steps else []
     cfg = load_config(os.path.join(ROOT, "configs", config), extra)
     train(cfg, workdir)
@@ -95,20 +101,30 @@ def reproduce(
     *,
     train_steps: int | None = None,
     rows: Sequence[str] | None = None,
+    eval_classifiers: dict[str, str] | None = None,
 ) -> str:
     """Run one table and return it as markdown (ours, with the paper's numbers beside it)."""
+    from fairdiff_jax.scoring import scored_by_note
+
     with open(PAPER, encoding="utf-8") as f:
         paper = json.load(f)[f"table{table}"]
     columns = COLUMNS[table]
     lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    original_done = set()
+    original_done, scored_by = set(), {}
     for name, config, prompt_sets in TABLES[table]:
         if rows and name not in rows:
             continue
         for prompt_set in prompt_sets or (None,):
             metrics = run_row(
-                config, os.path.join(root, name), overrides, classifiers, train_steps=train_steps, prompt_set=prompt_set
+                config,
+                os.path.join(root, name),
+                overrides,
+                classifiers,
+                train_steps=train_steps,
+                prompt_set=prompt_set,
+                eval_classifiers=eval_classifiers,
             )
+            scored_by.update(metrics["models"]["original"].get("scored_by", {}))
             label = f"{prompt_set}: " if prompt_set else ""
             models = metrics["models"]
             if label not in original_done:
@@ -118,6 +134,7 @@ def reproduce(
                 original_done.add(label)
             debiased = [m for m in models if m != "original"][0]
             lines.append(f"| {label}{name} (ours) | " + " | ".join(_cell(models[debiased], c) for c in columns) + " |")
+    lines += ["", scored_by_note(scored_by)]
     lines += ["", "Paper (" + ", ".join(paper["columns"]) + "):", ""]
     lines += [f"| {row} | " + " | ".join(values) + " |" for row, values in paper["rows"].items()]
     return "\n".join(lines) + "\n"
@@ -140,6 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="ATTR=FOLDER",
         help="attribute classifier folder, e.g. gender=/data/cls/gender (repeat per attribute)",
     )
+    parser.add_argument(
+        "--eval-classifier",
+        action="append",
+        default=[],
+        metavar="ATTR=FOLDER",
+        help="classifier folder that scores the tables, e.g. gender=/data/eval_cls/gender (repeat per attribute)",
+    )
     parser.add_argument("--clip", default="", help="local CLIP folder for the semantic loss")
     parser.add_argument("--dino", default="", help="local DINOv2 folder for the semantic loss")
     parser.add_argument("--eval-clip", default="", help="local CLIPModel folder for the CLIP-T / CLIP-I columns")
@@ -156,8 +180,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"--config.eval.dino_path={args.eval_dino}",
     ]
     classifiers = dict(item.partition("=")[::2] for item in args.classifier)
+    eval_classifiers = dict(item.partition("=")[::2] for item in args.eval_classifier)
     overrides += [f"--config.{k}={v}" for k, v in pairs]
-    table = reproduce(args.table, args.root, overrides, classifiers, train_steps=args.steps, rows=args.rows)
+    table = reproduce(
+        args.table,
+        args.root,
+        overrides,
+        classifiers,
+        train_steps=args.steps,
+        rows=args.rows,
+        eval_classifiers=eval_classifiers,
+    )
     os.makedirs(args.root, exist_ok=True)
     with open(os.path.join(args.root, f"table{args.table}.md"), "w", encoding="utf-8") as f:
         f.write(table)

@@ -1,8 +1,9 @@
-"""Stored evaluation images: one ``prompt_NNNN.npz`` per prompt (images, predicted labels, validity), written
-atomically so an interrupted evaluation resumes where it stopped."""
+"""Stored evaluation images: one ``prompt_NNNN.npz`` per prompt (images, predicted labels, validity, and which
+classifier scored them), written atomically so an interrupted evaluation resumes where it stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -12,7 +13,10 @@ import numpy as np
 def store_prompt_record(path: str, record: dict) -> None:
     tmp = path + ".tmp.npz"
     arrays = {f"label_{k}": v for k, v in record["labels"].items()}
-    np.savez_compressed(tmp, prompt=record["prompt"], images=record["images"], valid=record["valid"], **arrays)
+    scored_by = json.dumps(dict(record.get("scored_by", {})), sort_keys=True)
+    np.savez_compressed(
+        tmp, prompt=record["prompt"], images=record["images"], valid=record["valid"], scored_by=scored_by, **arrays
+    )
     os.replace(tmp, path)
 
 
@@ -29,7 +33,14 @@ def read_stored_prompt(path: str, prompt: str, num_images: int) -> dict | None:
         if str(stored["prompt"]) != prompt or stored["images"].shape[0] != num_images:
             return None
         labels = {k[len("label_") :]: stored[k] for k in stored.files if k.startswith("label_")}
-        return {"prompt": str(stored["prompt"]), "images": stored["images"], "labels": labels, "valid": stored["valid"]}
+        scored_by = json.loads(str(stored["scored_by"])) if "scored_by" in stored.files else {}
+        return {
+            "prompt": str(stored["prompt"]),
+            "images": stored["images"],
+            "labels": labels,
+            "valid": stored["valid"],
+            "scored_by": scored_by,
+        }
 
 
 def load_prompt_set(folder: str, prompts: Sequence[str], num_images: int) -> list[dict] | None:

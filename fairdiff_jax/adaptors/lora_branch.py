@@ -10,8 +10,9 @@ returns ``dense(x).astype(float32) + scale * (x @ down) @ up`` computed in float
 output is float32; the next bf16 layer casts its input as it always does). No model surgery: any
 unchanged Flax model works, and the branch is differentiable with respect to the LoRA factors.
 
-Generation calls :func:`lora_adapted` once per component and then the returned function with the returned
-parameters, exactly as it called the plain model before::
+Generation gets the adapted weights from ``adaptors.transform.adapt_weights`` (LoRA merged where the kernels
+are float32, a :class:`LoraBranch` per component otherwise) and wraps each model call with :func:`with_branch`;
+for a single function :func:`lora_adapted` does both::
 
     unet_fn, unet_params = lora_adapted(unet_fn, frozen_unet, lora["unet"], scale=scale)
     eps = unet_fn(unet_params, latents, timesteps, context)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,6 +34,13 @@ from fairdiff_jax.adaptors.lora import apply_lora, lora_modules
 from fairdiff_jax.errors import FairdiffError
 
 LORA_MODES = ("auto", "merge", "branch")
+
+
+class LoraBranch(NamedTuple):
+    """The unmerged LoRA of one component: its factor tree and ``alpha / rank`` (a pytree, so it can be jit input)."""
+
+    factors: Any
+    scale: Any
 
 
 def lora_branch(
@@ -87,6 +96,11 @@ def call_with_lora_branch(fn: Callable, lora_params: Mapping, *, scale: float | 
         return out
 
     return wrapped
+
+
+def with_branch(fn: Callable, branch: LoraBranch | None) -> Callable:
+    """``fn`` with ``branch``'s float32 LoRA branch (:func:`call_with_lora_branch`), or ``fn`` itself for None."""
+    return fn if branch is None else call_with_lora_branch(fn, branch.factors, scale=branch.scale)
 
 
 def kernels_are_float32(frozen_params: Mapping, lora_params: Mapping) -> bool:

@@ -115,6 +115,11 @@ def grow_text_encoder(text_encoder, num_tokens: int):
     return type(text_encoder)(config, dtype=text_encoder.dtype, _do_init=False)
 
 
+def conditional_texts(prompts: Sequence[str], token: str, num_tokens: int) -> list[str]:
+    """``"<fair> <fair>_1 ... prompt"`` for each prompt: the text the soft tokens are read from."""
+    return [" ".join(soft_token_names(token, num_tokens)) + " " + prompt for prompt in prompts]
+
+
 def conditional_prompt_ids(
     tokenizer, prompts: Sequence[str], token: str, num_tokens: int, *, max_length: int | None = None
 ) -> np.ndarray:
@@ -127,7 +132,7 @@ def conditional_prompt_ids(
     missing = [n for n in names if n not in tokenizer.get_vocab()]
     if missing:
         raise FairdiffError(f"soft tokens {missing} are not in the tokenizer; build it with add_soft_tokens first.")
-    texts = [" ".join(names) + " " + prompt for prompt in prompts]
+    texts = conditional_texts(prompts, token, num_tokens)
     length = int(max_length or tokenizer.model_max_length)
     ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)

@@ -20,7 +20,6 @@ from fairdiff_jax.config.schema import (
     parse_config_arg,
 )
 from fairdiff_jax.config.validate import (
-    refuse_unsupported_evaluation,
     refuse_unsupported_training,
     validate_config,
     validate_target,
@@ -39,7 +38,6 @@ __all__ = [
     "load_config",
     "parse_config_arg",
     "parse_value",
-    "refuse_unsupported_evaluation",
     "refuse_unsupported_training",
     "split_overrides",
     "validate_config",

@@ -16,4 +16,6 @@ def get_config(arg=None):
     config.train.images_per_prompt = 24
     config.eval.images_per_prompt = 60
     config.num_steps = 10_000
+    # the authors' prompt context: padded to the prompt's own length with an attention mask (PAPER.md, common)
+    config.data.prompt_padding = "prompt"
     return config

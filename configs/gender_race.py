@@ -17,4 +17,6 @@ def get_config(arg=None):
     config.train.images_per_prompt = 32
     config.eval.images_per_prompt = 160
     config.num_steps = 15_000
+    # the authors' prompt context: padded to the prompt's own length with an attention mask (PAPER.md, common)
+    config.data.prompt_padding = "prompt"
     return config

@@ -15,4 +15,6 @@ def get_config(arg=None):
     config.train.images_per_prompt = 32
     config.eval.images_per_prompt = 80
     config.num_steps = 12_000
+    # the authors' prompt context: padded to the prompt's own length with an attention mask (PAPER.md, common)
+    config.data.prompt_padding = "prompt"
     return config

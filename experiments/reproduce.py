@@ -2,6 +2,7 @@
 
     python experiments/reproduce.py --table 1 --sd /data/sd15 --root runs/table1 \\
         --classifier gender=/data/cls/gender --classifier race=/data/cls/race \\
+        [--eval-classifier gender=/data/eval_cls/gender --eval-classifier race=/data/eval_cls/race] \\
         [--clip /data/clip --dino /data/dinov2] [--eval-clip /data/eval_clip --eval-dino /data/eval_dino] \\
         [--config.num_steps=10000 ...]
 
@@ -9,6 +10,8 @@ Each row's run lives in ``ROOT/<config>``; a finished run is reused (training re
 checkpoint, evaluation reuses stored images). Extra ``--config.*`` overrides apply to every run. ``--clip`` /
 ``--dino`` are the training loss's encoders; ``--eval-clip`` / ``--eval-dino`` the evaluation's (CLIP-T, CLIP-I,
 DINO). Those columns are filled only when evaluation encoders are given; otherwise they show "—".
+``--eval-classifier`` names the classifiers that score the tables (the paper's are trained separately from the
+training ones); without them the training classifier scores, which overstates debiasing, and the table says so.
 
 ``--official DIR`` adds the paper authors' released adaptors, one folder per row imported with ``fairdiff import``
 (``DIR/gender`` from their exp-1, ``DIR/race`` exp-6, ``DIR/gender_race`` exp-3, ``DIR/gender_race_age`` exp-4,
@@ -65,8 +68,17 @@ def _cell(metrics: dict, column: str) -> str:
     return f"{metrics['bias'][column]:.2f}±{metrics['bias_std'][column]:.2f}"
 
 
-def row_configs(config: str, overrides: Sequence[str], classifiers: dict[str, str], *, train_steps, prompt_set):
-    """``(train config, evaluation config)`` of one row (the evaluation's prompts are ``prompt_set`` when given)."""
+def row_configs(
+    config: str,
+    overrides: Sequence[str],
+    classifiers: dict[str, str],
+    *,
+    train_steps,
+    prompt_set,
+    eval_classifiers: dict[str, str] | None = None,
+):
+    """``(train config, evaluation config)`` of one row (the evaluation's prompts are ``prompt_set`` when given;
+    ``eval_classifiers`` score the evaluation)."""
     from fairdiff_jax.config import attribute_names, load_config
 
     path = os.path.join(ROOT, "configs", config)
@@ -74,6 +86,8 @@ def row_configs(config: str, overrides: Sequence[str], classifiers: dict[str, st
     extra = list(overrides) + [
         f"--config.attributes.{a}.classifier={classifiers[a]}" for a in names if a in classifiers
     ]
+    eval_classifiers = eval_classifiers or {}
+    extra += [f"--config.attributes.{a}.eval_classifier={eval_classifiers[a]}" for a in names if a in eval_classifiers]
     extra += [f"--config.num_steps={train_steps}"] if train_steps else []
     train_cfg = load_config(path, extra)
     eval_cfg = load_config(path, extra + [f"--config.data.prompts={prompt_set}"]) if prompt_set else train_cfg
@@ -112,15 +126,18 @@ def reproduce(
     rows: Sequence[str] | None = None,
     official: str | None = None,
     official_only: bool = False,
+    eval_classifiers: dict[str, str] | None = None,
 ) -> str:
     """Run one table and return it as markdown: ours, the authors' adaptors (``official``), the paper's numbers."""
+    from fairdiff_jax.scoring import scored_by_note
+
     with open(PAPER, encoding="utf-8") as f:
         paper = json.load(f)[f"table{table}"]
     if official_only and not official:
         raise SystemExit("--official-only needs --official DIR (the authors' imported adaptors)")
     columns = COLUMNS[table]
     lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    notes, original_done = [], set()
+    notes, original_done, scored_by = [], set(), {}
     for name, config, prompt_sets in TABLES[table]:
         if rows and name not in rows:
             continue
@@ -132,7 +149,12 @@ def reproduce(
             continue
         for prompt_set in prompt_sets or (None,):
             train_cfg, eval_cfg = row_configs(
-                config, overrides, classifiers, train_steps=train_steps, prompt_set=prompt_set
+                config,
+                overrides,
+                classifiers,
+                train_steps=train_steps,
+                prompt_set=prompt_set,
+                eval_classifiers=eval_classifiers,
             )
             suffix = f"_{prompt_set}" if prompt_set else ""
             label = f"{prompt_set}: " if prompt_set else ""
@@ -142,6 +164,7 @@ def reproduce(
                 ours = {"out": out, "metrics": run_row(train_cfg, eval_cfg, os.path.join(root, name), out)}
             if authors_dir:
                 theirs = authors_row(eval_cfg, authors_dir, os.path.join(root, name, "eval_authors" + suffix), ours)
+            scored_by.update((ours["metrics"] if ours else theirs)["models"]["original"].get("scored_by", {}))
             if label not in original_done:
                 original = (ours["metrics"] if ours else theirs)["models"]["original"]
                 lines.append(_line(f"{label}original (ours)", original, columns))
@@ -150,6 +173,7 @@ def reproduce(
                 if metrics:
                     adapted = [m for m in metrics["models"] if m != "original"][0]
                     lines.append(_line(f"{label}{name} ({who})", metrics["models"][adapted], columns))
+    lines += ["", scored_by_note(scored_by)]
     lines += ["", "Paper (" + ", ".join(paper["columns"]) + "):", ""]
     lines += [f"| {row} | " + " | ".join(values) + " |" for row, values in paper["rows"].items()]
     lines += ([""] + [f"Note: {note}." for note in notes]) if notes else []
@@ -172,6 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="ATTR=FOLDER",
         help="attribute classifier folder, e.g. gender=/data/cls/gender (repeat per attribute)",
+    )
+    parser.add_argument(
+        "--eval-classifier",
+        action="append",
+        default=[],
+        metavar="ATTR=FOLDER",
+        help="classifier folder that scores the tables, e.g. gender=/data/eval_cls/gender (repeat per attribute)",
     )
     parser.add_argument("--clip", default="", help="local CLIP folder for the semantic loss")
     parser.add_argument("--dino", default="", help="local DINOv2 folder for the semantic loss")
@@ -198,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"--config.eval.dino_path={args.eval_dino}",
     ]
     classifiers = dict(item.partition("=")[::2] for item in args.classifier)
+    eval_classifiers = dict(item.partition("=")[::2] for item in args.eval_classifier)
     overrides += [f"--config.{k}={v}" for k, v in pairs]
     table = reproduce(
         args.table,
@@ -208,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows=args.rows,
         official=args.official,
         official_only=args.official_only,
+        eval_classifiers=eval_classifiers,
     )
     os.makedirs(args.root, exist_ok=True)
     with open(os.path.join(args.root, f"table{args.table}.md"), "w", encoding="utf-8") as f:

@@ -1,5 +1,5 @@
-"""Stored evaluation images: one ``prompt_NNNN.npz`` per prompt (images, predicted labels, validity), written
-atomically so an interrupted evaluation resumes where it stopped.
+"""Stored evaluation images: one ``prompt_NNNN.npz`` per prompt (images, predicted labels, validity, and which
+classifier scored them), written atomically so an interrupted evaluation resumes where it stopped.
 
 Each record carries the key of what produced it (:func:`generation_key`: the model's identity, the sampler
 settings, the noise seed, the prompt and the image count), and a stored record is reused only under the same key,
@@ -42,7 +42,16 @@ def store_prompt_record(path: str, record: Mapping, key: str = "") -> None:
     """Write one prompt's record (atomically) with the key of what produced it."""
     tmp = path + ".tmp.npz"
     arrays = {f"label_{k}": v for k, v in record["labels"].items()}
-    np.savez_compressed(tmp, prompt=record["prompt"], images=record["images"], valid=record["valid"], key=key, **arrays)
+    scored_by = json.dumps(dict(record.get("scored_by", {})), sort_keys=True)
+    np.savez_compressed(
+        tmp,
+        prompt=record["prompt"],
+        images=record["images"],
+        valid=record["valid"],
+        key=key,
+        scored_by=scored_by,
+        **arrays,
+    )
     os.replace(tmp, path)
 
 
@@ -62,7 +71,14 @@ def read_stored_prompt(path: str, prompt: str, num_images: int, key: str | None 
         if key is not None and ("key" not in stored.files or str(stored["key"]) != key):
             return None
         labels = {k[len("label_") :]: stored[k] for k in stored.files if k.startswith("label_")}
-        return {"prompt": str(stored["prompt"]), "images": stored["images"], "labels": labels, "valid": stored["valid"]}
+        scored_by = json.loads(str(stored["scored_by"])) if "scored_by" in stored.files else {}
+        return {
+            "prompt": str(stored["prompt"]),
+            "images": stored["images"],
+            "labels": labels,
+            "valid": stored["valid"],
+            "scored_by": scored_by,
+        }
 
 
 def load_prompt_set(folder: str, prompts: Sequence[str], num_images: int) -> list[dict] | None:

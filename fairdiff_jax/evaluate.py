@@ -24,9 +24,8 @@ import numpy as np
 
 from fairdiff_jax import parallel
 from fairdiff_jax.adaptors.spec import check_base_model, read_adaptor_metadata
-from fairdiff_jax.adaptors.transform import apply_adaptor
+from fairdiff_jax.adaptors.transform import adapt_weights
 from fairdiff_jax.checkpoints import load_flax_adaptor, restore_adaptor_item
-from fairdiff_jax.config import refuse_unsupported_evaluation
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.eval_store import (
     generation_key,
@@ -36,11 +35,12 @@ from fairdiff_jax.eval_store import (
     read_stored_prompt,
     store_prompt_record,
 )
-from fairdiff_jax.generation import SamplerSettings, make_generator, prompt_noise, tokenize
+from fairdiff_jax.generation import SamplerSettings, make_generator, prompt_noise, tokenize, uncond_ids
 from fairdiff_jax.images import save_grids, to_uint8
 from fairdiff_jax.metrics import bias_metrics
 from fairdiff_jax.reporting import is_main_process, progress_bar
 from fairdiff_jax.run import Run, build_run
+from fairdiff_jax.scoring import Scoring, scored_by_note, scoring_classifier
 from fairdiff_jax.semantic_metrics import SEMANTIC_COLUMNS, embed_results, load_semantic_scorer, semantic_metrics
 from fairdiff_jax.tables import format_table
 
@@ -78,30 +78,35 @@ def generate_prompt_set(
     model_id: str,
     progress: bool = True,
     baseline=None,
+    branches: dict | None = None,
+    scoring: Scoring | None = None,
 ) -> list[dict]:
     """Generate and classify ``settings.images_per_prompt`` images for each prompt; resumable via ``out_dir``.
 
     ``model_id`` names the weights (see :func:`original_model_id`, :func:`adaptor_model_id`): stored images are
-    reused only when they were made by the same model with the same settings. ``baseline`` (a
-    ``fairdiff_jax.baselines.BaselineSetup``) rewrites the conditional prompt, maps its embedding or guides the
-    sampler (give its edited U-Net parameters as ``unet_params``); records keep the original prompt.
-    Returns, per prompt, ``{"prompt", "images" uint8 [M,H,W,3], "labels" {attr: [M]}, "valid" [M]}``.
+    reused only when they were made by the same model with the same settings and scored by the same classifier.
+    ``baseline`` (a ``fairdiff_jax.baselines.BaselineSetup``) rewrites the conditional prompt, maps its embedding
+    or guides the sampler (give its edited U-Net parameters as ``unet_params``); records keep the original prompt.
+    ``branches`` are the unmerged LoRA branches of ``adapt_weights``; ``scoring`` the evaluation classifier
+    (default: the run's). Returns, per prompt, ``{"prompt", "images" uint8 [M,H,W,3], "labels" {attr: [M]},
+    "valid" [M], "scored_by" {attr: source}}``.
     """
     num_images = settings.images_per_prompt
     mesh = parallel.make_mesh()
     batch = max(mesh.size, settings.batch_size // mesh.size * mesh.size)
     sampler = settings.sampler
+    scoring = scoring or Scoring(run.classifier, run.frozen["classifier"], {})
     guidance = getattr(baseline, "guidance", None)
     generate = make_generator(
         run.pipeline,
         sampler,
-        run.classifier,
+        scoring.classifier,
         sampler.eval_steps,
         condition=getattr(baseline, "map_conditioning", None),
         guide_for=None if guidance is None else guidance.guide,
     )
-    weights = parallel.replicate((unet_params, te_params, run.frozen["vae"], run.frozen["classifier"]), mesh)
-    uncond_ids = parallel.replicate(jnp.asarray(tokenize(run.pipeline, [""], soft_tokens=False)), mesh)
+    weights = parallel.replicate((unet_params, te_params, run.frozen["vae"], scoring.params), mesh)
+    branches = parallel.replicate(branches or {}, mesh)
     os.makedirs(out_dir, exist_ok=True)
     results = []
     bar = progress_bar(len(prompts) * num_images, desc=os.path.basename(out_dir), enabled=progress)
@@ -109,12 +114,18 @@ def generate_prompt_set(
         path = prompt_file(out_dir, index)
         key = generation_key(model_id, settings, prompt, index, run.task.attributes)
         stored = read_stored_prompt(path, prompt, num_images, key)
-        if stored is not None and set(run.task.attributes) <= set(stored["labels"]):  # else classified for fewer
+        if (
+            stored is not None
+            and set(run.task.attributes) <= set(stored["labels"])  # else classified for fewer
+            and stored["scored_by"] == dict(scoring.scored_by)  # else scored by another classifier
+        ):
             results.append(stored)
             bar.update(num_images)
             continue
         text = prompt if baseline is None else baseline.rewrite_prompts([prompt])[0]
-        cond_ids = parallel.replicate(jnp.asarray(tokenize(run.pipeline, [text], soft_tokens=soft_tokens)), mesh)
+        ids = tokenize(run.pipeline, [text], soft_tokens=soft_tokens)
+        cond_ids = parallel.replicate(jnp.asarray(ids), mesh)
+        uncond = parallel.replicate(jnp.asarray(uncond_ids(run.pipeline, ids)), mesh)
         per_image = [prompt_noise(run.pipeline, index, num_images, settings.seed)]
         if guidance is not None:  # per-image guidance directions, reproducible like the noise
             per_image.append(
@@ -127,13 +138,15 @@ def generate_prompt_set(
             parts = [
                 jnp.concatenate([x, jnp.zeros((batch - real,) + x.shape[1:], x.dtype)]) for x in parts
             ]  # one shape
-            out = generate(*weights, cond_ids, uncond_ids, *(parallel.shard_batch(x, mesh) for x in parts))
+            sharded = [parallel.shard_batch(x, mesh) for x in parts]
+            out = generate(*weights, cond_ids, uncond, sharded[0], branches, *sharded[1:])
             chunks.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
             bar.update(real)
         images = np.concatenate([to_uint8(c[0]) for c in chunks])[:num_images]
         labels = {a: np.concatenate([c[1][a] for c in chunks])[:num_images] for a in run.task.attributes}
         valid = np.concatenate([c[2] for c in chunks])[:num_images]
         record = {"prompt": prompt, "images": images, "labels": labels, "valid": valid}
+        record["scored_by"] = dict(scoring.scored_by)
         if is_main_process():
             store_prompt_record(path, record, key)
         results.append(record)
@@ -152,18 +165,20 @@ def adaptor_model_id(run: Run, workdir: str, step: int, which: str, params) -> s
 
 
 def adapted_weights(run: Run, workdir: str, step: int | None = None, *, use_ema: bool = True):
-    """``(step, unet_params, te_params, model_id)``: the base weights with the adaptor of ``workdir`` (newest step
-    by default) and the identity of the result."""
+    """``(step, unet_params, te_params, branches, model_id)``: the base weights with the adaptor of ``workdir``
+    (newest step by default); ``branches`` holds the unmerged float32 LoRA of bf16 components (``adapt_weights``),
+    ``model_id`` the identity of the result."""
     spec = read_adaptor_metadata(workdir)
     check_base_model(spec, run.frozen["unet"], run.frozen["text_encoder"])
     found_step, item = restore_adaptor_item(workdir, step)
     which = "ema" if use_ema else "params"
-    unet_params, te_params = apply_adaptor(spec, item[which], run.frozen["unet"], run.frozen["text_encoder"])
-    return found_step, unet_params, te_params, adaptor_model_id(run, workdir, found_step, which, item[which])
+    unet_params, te_params, branches = adapt_weights(spec, item[which], run.frozen["unet"], run.frozen["text_encoder"])
+    return found_step, unet_params, te_params, branches, adaptor_model_id(run, workdir, found_step, which, item[which])
 
 
 def folder_weights(run: Run, adaptor_dir: str):
-    """``(unet_params, te_params, model_id)``: the base weights with the adaptor of an exported or imported folder."""
+    """``(unet_params, te_params, branches, model_id)``: the base weights with the adaptor of an exported or
+    imported folder."""
     from fairdiff_jax.adaptors.authors import read_provenance
 
     spec, params = load_flax_adaptor(adaptor_dir, run.frozen["unet"], run.frozen["text_encoder"])
@@ -174,16 +189,16 @@ def folder_weights(run: Run, adaptor_dir: str):
             f"for {run.pipeline.num_soft_tokens}; build the run with build_run(cfg, adaptor_spec) of that folder."
         )
     context = (read_provenance(adaptor_dir) or {}).get("prompt_context", {})
-    if context.get("padding") == "prompt_length":
+    if context.get("padding") == "prompt_length" and run.pipeline.prompt_padding != "prompt":
         log.warning(
             "%s was trained on prompts padded to their own length with the attention mask (the authors' context); "
-            "this evaluation pads prompts to %d tokens, so its numbers may differ slightly from the authors'",
+            "this evaluation pads prompts to %d tokens (set data.prompt_padding=prompt to match)",
             adaptor_dir,
             run.pipeline.max_length,
         )
-    unet_params, te_params = apply_adaptor(spec, params, run.frozen["unet"], run.frozen["text_encoder"])
+    unet_params, te_params, branches = adapt_weights(spec, params, run.frozen["unet"], run.frozen["text_encoder"])
     model_id = f"folder:{os.path.abspath(adaptor_dir)}:{params_digest(params)}|{original_model_id(run)}"
-    return unet_params, te_params, model_id
+    return unet_params, te_params, branches, model_id
 
 
 def evaluate(
@@ -209,7 +224,6 @@ def evaluate(
     DINO against the original model's images: those generated here, else the per-prompt files in
     ``original_images`` (default ``OUT/original/SPLIT`` when it holds every prompt).
     """
-    refuse_unsupported_evaluation(cfg)
     if workdir is not None and adaptor is not None:
         raise FairdiffError("give --workdir (a training run) or --adaptor (an adaptor folder), not both")
     run = run or build_run(cfg, read_adaptor_metadata(adaptor) if adaptor is not None else None)
@@ -224,14 +238,21 @@ def evaluate(
         )
     models, setup = {}, None
     if include_original:
-        models["original"] = (run.frozen["unet"], run.frozen["text_encoder"], False, original_model_id(run), "original")
+        models["original"] = (
+            run.frozen["unet"],
+            run.frozen["text_encoder"],
+            False,
+            {},
+            original_model_id(run),
+            "original",
+        )
     if workdir is not None:
-        found_step, unet_params, te_params, model_id = adapted_weights(run, workdir, step, use_ema=use_ema)
-        models[f"debiased (step {found_step})"] = (unet_params, te_params, True, model_id, "debiased")
+        found_step, unet_params, te_params, branches, model_id = adapted_weights(run, workdir, step, use_ema=use_ema)
+        models[f"debiased (step {found_step})"] = (unet_params, te_params, True, branches, model_id, "debiased")
     if adaptor is not None:
-        unet_params, te_params, model_id = folder_weights(run, adaptor)
+        unet_params, te_params, branches, model_id = folder_weights(run, adaptor)
         name = f"adaptor ({os.path.basename(os.path.normpath(adaptor))})"
-        models[name] = (unet_params, te_params, True, model_id, "debiased")
+        models[name] = (unet_params, te_params, True, branches, model_id, "debiased")
     if method is not None:
         from fairdiff_jax.baselines.harness import baseline_setup
 
@@ -239,15 +260,18 @@ def evaluate(
         unet_params = run.frozen["unet"] if setup.unet_params is None else setup.unet_params
         settings_json = json.dumps(cfg.baselines[method].to_dict(), sort_keys=True, default=str)
         model_id = f"baseline:{method}:{settings_json}|{original_model_id(run)}"
-        models[method] = (unet_params, run.frozen["text_encoder"], False, model_id, method)
+        models[method] = (unet_params, run.frozen["text_encoder"], False, {}, model_id, method)
     if not models:
         raise FairdiffError(
             "nothing to evaluate: give --workdir with a trained adaptor, --adaptor DIR or --method NAME, or include "
             "the original model"
         )
     scorer = load_semantic_scorer(cfg.eval.clip_path, cfg.eval.dino_path, batch_size=settings.batch_size)
+    scoring = scoring_classifier(cfg, run)
+    if scoring.uses_training_classifier:
+        log.warning("evaluation scores with the training classifier (set attributes.<name>.eval_classifier)")
     report, embeddings = {}, {}
-    for name, (unet_params, te_params, soft, model_id, folder_name) in models.items():
+    for name, (unet_params, te_params, soft, branches, model_id, folder_name) in models.items():
         folder = os.path.join(out, folder_name, split)
         results = generate_prompt_set(
             run,
@@ -260,8 +284,10 @@ def evaluate(
             model_id=model_id,
             progress=progress,
             baseline=setup if name == method else None,
+            branches=branches,
+            scoring=scoring,
         )
-        report[name] = bias_metrics(results, run.task.num_classes)
+        report[name] = dict(bias_metrics(results, run.task.num_classes), scored_by=dict(scoring.scored_by))
         if scorer is not None:
             embeddings[name] = embed_results(scorer, results)
         if is_main_process():
@@ -283,6 +309,7 @@ def evaluate(
             json.dump(metrics, f, indent=2)
         with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
             f.write(format_table(report, list(main["bias"]) + list(SEMANTIC_COLUMNS)))
+            f.write("\n" + scored_by_note(scoring.scored_by) + "\n")
     return metrics
 
 

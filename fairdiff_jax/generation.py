@@ -17,6 +17,7 @@ import numpy as np
 
 from fairdiff_jax import sampling
 from fairdiff_jax.adaptors import soft_tokens as soft_lib
+from fairdiff_jax.adaptors.lora_branch import LoraBranch, with_branch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Pipeline:
     schedule: sampling.NoiseSchedule
     num_soft_tokens: int = 0
     soft_token: str = soft_lib.DEFAULT_TOKEN
+    prompt_padding: str = "max_length"  # config data.prompt_padding (soft_tokens.PROMPT_PADDINGS)
 
     @property
     def max_length(self) -> int:
@@ -74,19 +76,39 @@ class Pipeline:
         return int(config.in_channels), size, size
 
 
-def tokenize(pipeline: Pipeline, prompts: Sequence[str], *, soft_tokens: bool) -> np.ndarray:
-    """Token ids ``[P, L]``; with ``soft_tokens`` the adaptor's tokens are prepended to each prompt."""
-    if soft_tokens and pipeline.num_soft_tokens:
-        return np.asarray(
-            soft_lib.conditional_prompt_ids(
-                pipeline.tokenizer, list(prompts), pipeline.soft_token, pipeline.num_soft_tokens
-            )
-        )
-    return np.asarray(soft_lib.prompt_ids(pipeline.tokenizer, list(prompts), max_length=pipeline.max_length))
+def tokenize(pipeline: Pipeline, prompts: Sequence[str], *, soft_tokens: bool, length: int | None = None) -> np.ndarray:
+    """Token ids ``[P, L]``; with ``soft_tokens`` the adaptor's tokens are prepended to each prompt.
+
+    ``L`` is ``length`` when given, else the text encoder's length (``prompt_padding="max_length"``) or the
+    prompts' own longest length (``"prompt"``, the paper authors' ``padding=True``).
+    """
+    with_soft = soft_tokens and pipeline.num_soft_tokens
+    texts = soft_lib.conditional_texts(prompts, pipeline.soft_token, pipeline.num_soft_tokens) if with_soft else prompts
+    if length is None:
+        prompt_length = pipeline.prompt_padding == "prompt"
+        length = soft_lib.token_length(pipeline.tokenizer, texts) if prompt_length else pipeline.max_length
+    ids, _ = soft_lib.padded_tokens(pipeline.tokenizer, list(texts), length)
+    return ids
 
 
-def embed(pipeline: Pipeline, text_encoder_params, ids: jax.Array) -> jax.Array:
-    """Text-encoder hidden states ``[P, L, D]`` for token ids ``[P, L]``.
+def uncond_ids(pipeline: Pipeline, prompt_ids: np.ndarray | jax.Array) -> np.ndarray:
+    """Ids ``[1, L]`` of "" padded to the length of ``prompt_ids`` ``[P, L]`` (the authors' ``max_length=L``)."""
+    return tokenize(pipeline, [""], soft_tokens=False, length=int(prompt_ids.shape[-1]))
+
+
+def prompt_mask(pipeline: Pipeline, ids: jax.Array) -> jax.Array | None:
+    """The attention mask ``[P, L]`` of ``"prompt"`` padding (1 up to and with the first EOS), else None (no mask,
+    as diffusers' SD pipelines encode 77 tokens)."""
+    if pipeline.prompt_padding != "prompt":
+        return None
+    is_eos = ids == int(pipeline.tokenizer.eos_token_id)
+    last = jnp.where(is_eos.any(axis=-1), jnp.argmax(is_eos, axis=-1), ids.shape[-1] - 1)
+    return (jnp.arange(ids.shape[-1])[None, :] <= last[:, None]).astype(jnp.int32)
+
+
+def embed(pipeline: Pipeline, text_encoder_params, ids: jax.Array, *, branch: LoraBranch | None = None) -> jax.Array:
+    """Text-encoder hidden states ``[P, L, D]`` for token ids ``[P, L]`` (with the attention mask of
+    :func:`prompt_mask`, and ``branch``'s unmerged float32 LoRA when given).
 
     With soft tokens the module's table is grown; the frozen base parameters (the original model: x_ori, the
     "before" evaluation) get zero rows appended, which plain ids never index, so they give the base encoder's output.
@@ -97,7 +119,11 @@ def embed(pipeline: Pipeline, text_encoder_params, ids: jax.Array) -> jax.Array:
         if missing > 0:
             zeros = jnp.zeros((missing, table.shape[1]), table.dtype)
             text_encoder_params = soft_lib.apply_soft_tokens(text_encoder_params, zeros)
-    return pipeline.text_encoder(ids, params=text_encoder_params).last_hidden_state
+
+    def encode(params, ids):
+        return pipeline.text_encoder(ids, attention_mask=prompt_mask(pipeline, ids), params=params).last_hidden_state
+
+    return with_branch(encode, branch)(text_encoder_params, ids)
 
 
 def generate_images(
@@ -112,12 +138,14 @@ def generate_images(
     *,
     max_steps: int,
     gradient_mode: str,
+    unet_branch: LoraBranch | None = None,
     guide: sampling.Guide | None = None,
 ) -> jax.Array:
-    """Images ``[B, H, W, 3]`` in [-1, 1] from noise ``[B, C, h, w]`` and conditioning ``[B, L, D]``; ``guide``
-    replaces classifier-free guidance (a baseline's sampling-time guidance)."""
+    """Images ``[B, H, W, 3]`` in [-1, 1] from noise ``[B, C, h, w]`` and conditioning ``[B, L, D]``; with
+    ``unet_branch`` the U-Net runs with that unmerged float32 LoRA branch; ``guide`` replaces classifier-free
+    guidance (a baseline's sampling-time guidance)."""
     latents = sampling.sample_latents(
-        sampling.unet_apply_fn(pipeline.unet),
+        with_branch(sampling.unet_apply_fn(pipeline.unet), unet_branch),
         unet_params,
         noise,
         cond,
@@ -147,13 +175,18 @@ def make_generator(
     guide_for: Callable[..., sampling.Guide] | None = None,
 ):
     """A jitted ``generate(unet_params, te_params, vae_params, classifier_params, cond_ids [1,L], uncond_ids [1,L],
-    noise [B,...], *guide_args) -> (images, predicted classes {attr: [B]}, valid [B])`` without gradient,
-    ``num_steps`` steps. A baseline may map the conditional embedding (``condition``, ``[B,L,D] -> [B,L,D]``) or
-    guide the sampler with ``guide_for(*guide_args)`` (per-image arrays, batched like ``noise``)."""
+    noise [B,...], branches={}, *guide_args) -> (images, predicted classes {attr: [B]}, valid [B])`` without
+    gradient, ``num_steps`` steps; ``branches`` are the unmerged LoRA branches of
+    ``adaptors.transform.adapt_weights``. A baseline may map the conditional embedding (``condition``,
+    ``[B,L,D] -> [B,L,D]``) or guide the sampler with ``guide_for(*guide_args)`` (per-image arrays, batched like
+    ``noise``)."""
 
-    def generate(unet_params, te_params, vae_params, classifier_params, cond_ids, uncond_ids, noise, *guide_args):
-        cond = embed(pipeline, te_params, cond_ids)
-        uncond = embed(pipeline, te_params, uncond_ids)
+    def generate(
+        unet_params, te_params, vae_params, classifier_params, cond_ids, uncond_ids, noise, branches=None, *guide_args
+    ):
+        branches = branches or {}
+        cond = embed(pipeline, te_params, cond_ids, branch=branches.get("text_encoder"))
+        uncond = embed(pipeline, te_params, uncond_ids, branch=branches.get("text_encoder"))
         if condition is not None:
             cond = condition(cond)
         cond = jnp.broadcast_to(cond, (noise.shape[0],) + cond.shape[1:])
@@ -168,6 +201,7 @@ def make_generator(
             num_steps,
             max_steps=num_steps,
             gradient_mode="detached",
+            unet_branch=branches.get("unet"),
             guide=None if guide_for is None else guide_for(*guide_args),
         )
         logits, valid = classifier(classifier_params, images)

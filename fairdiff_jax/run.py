@@ -109,9 +109,14 @@ def assemble_run(cfg: ConfigDict, sd, world: World, adaptor_spec: AdaptorSpec | 
         tokenizer=tokenizer,
         vae=sd.vae,
         vae_scaling_factor=sd.vae_scaling_factor,
-        schedule=sampling.make_schedule(sd.scheduler),
+        schedule=sampling.make_schedule(
+            sd.scheduler,
+            timestep_spacing=cfg.sampler.timestep_spacing or None,
+            final_sigmas_type=cfg.sampler.final_sigmas_type,
+        ),
         num_soft_tokens=spec.num_soft_tokens,
         soft_token=spec.soft_token,
+        prompt_padding=str(cfg.data.prompt_padding),
     )
     frozen = {
         "unet": sd.unet_params,

@@ -11,6 +11,13 @@ Gradient modes (DESIGN.md §1.1):
                 multiplied by c_i (see :func:`fairdiff_jax.schedules.step_scales`);
   ``detached``  the ``stop_gradient`` without the rescaling.
 The solver's own linear update stays differentiable in every mode.
+
+DPM-Solver++'s last step is second order to t = 0 by default (``final_sigmas_type="sigma_min"``: diffusers 0.19.3,
+the paper authors' pin, and diffusers' Flax scheduler); PyTorch diffusers >= 0.26 defaults to a first-order step to
+sigma 0 (``"zero"``, about 1 % different at 20 steps), available through ``make_schedule(final_sigmas_type=...)``.
+Timesteps follow diffusers per solver (``schedules.DEFAULT_SPACING``) unless the model's scheduler config names a
+spacing. With bfloat16 weights the U-Net's outputs are cast to float32 before guidance, and the latents carried
+between steps keep the noise's dtype (float32), as the authors do (``noises_pred.to(float32)``).
 """
 
 from __future__ import annotations
@@ -125,12 +132,14 @@ def guided_output(
     """
     batch = latents.shape[0]
     if uncond_emb is None or (isinstance(guidance_scale, int | float) and guidance_scale == 1):
-        return unet_fn(unet_params, latents, jnp.full((batch,), timestep, jnp.int32), cond_emb)
+        out = unet_fn(unet_params, latents, jnp.full((batch,), timestep, jnp.int32), cond_emb)
+        return out.astype(jnp.promote_types(out.dtype, jnp.float32))
     uncond_emb = jnp.broadcast_to(uncond_emb, cond_emb.shape).astype(cond_emb.dtype)
     context = jnp.concatenate([uncond_emb, cond_emb], axis=0)
     both = unet_fn(
         unet_params, jnp.concatenate([latents, latents], axis=0), jnp.full((2 * batch,), timestep, jnp.int32), context
     )
+    both = both.astype(jnp.promote_types(both.dtype, jnp.float32))  # guidance in float32 with bf16 weights
     uncond_out, cond_out = both[:batch], both[batch:]
     return uncond_out + guidance_scale * (cond_out - uncond_out)
 

@@ -9,6 +9,7 @@ for ``n`` steps would use.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -17,6 +18,13 @@ from fairdiff_jax.errors import FairdiffError
 
 SOLVERS = ("dpmpp_2m", "ddim")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+# the spacing diffusers uses when scheduler_config.json names none: each scheduler class's own default
+# (``DPMSolverMultistepScheduler``: "linspace", ``DDIMScheduler``: "leading"; the same in diffusers 0.19.3,
+# the paper authors' pin, and 0.39, PyTorch and Flax). SD 1.5's config names none.
+DEFAULT_SPACING = {"dpmpp_2m": "linspace", "ddim": "leading"}
+# DPM-Solver++'s last step: "sigma_min" goes to t = 0 with the second-order update (diffusers 0.19.3 and
+# Flax); "zero" takes a first-order step to sigma = 0, i.e. returns the last data prediction (PyTorch 0.39)
+FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # diffusers' DPM-Solver multistep: ``lower_order_final`` only acts below this many steps
 LOWER_ORDER_FINAL_BELOW = 15
@@ -32,28 +40,64 @@ class NoiseSchedule:
 
     alphas_cumprod: np.ndarray
     betas: np.ndarray
-    timestep_spacing: str = "leading"
+    timestep_spacing: str | None = None  # None: diffusers' default of each solver (DEFAULT_SPACING)
     steps_offset: int = 1
     prediction_type: str = "epsilon"
     set_alpha_to_one: bool = False
+    final_sigmas_type: str = "sigma_min"
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
+    def spacing(self, solver: str) -> str:
+        """The timestep spacing ``solver`` uses: the explicit one, else diffusers' default for that solver."""
+        check_solver(solver)
+        return self.timestep_spacing or DEFAULT_SPACING[solver]
+
+
+def _setting(settings, name: str, default):
+    """One field of a ``SchedulerSettings``-like object or of a raw ``scheduler_config.json`` mapping."""
+    value = settings.get(name, default) if isinstance(settings, Mapping) else getattr(settings, name, default)
+    return default if value is None else value
+
+
+def _alphas_cumprod(settings) -> np.ndarray:
+    """ᾱ_t, t = 0..T-1 (float64), as diffusers computes it from the config's betas."""
+    if isinstance(settings, Mapping):
+        from fairdiff_jax.models.loader import SchedulerSettings  # the one beta-schedule implementation
+
+        settings = SchedulerSettings.from_dict(dict(settings))
+    return np.asarray(settings.alphas_cumprod(), dtype=np.float64)
+
 
 def make_schedule(
-    settings, *, timestep_spacing: str | None = None, prediction_type: str | None = None
+    settings,
+    *,
+    timestep_spacing: str | None = None,
+    prediction_type: str | None = None,
+    final_sigmas_type: str | None = None,
 ) -> NoiseSchedule:
-    """A :class:`NoiseSchedule` from the model's ``SchedulerSettings`` (overrides are optional)."""
-    alphas_cumprod = np.asarray(settings.alphas_cumprod(), dtype=np.float64)
+    """A :class:`NoiseSchedule` from the model's ``SchedulerSettings`` or its raw ``scheduler_config.json`` dict.
+
+    ``timestep_spacing`` wins over the config's key; with neither, each solver follows diffusers' default
+    (:data:`DEFAULT_SPACING`). ``final_sigmas_type`` (DPM-Solver++ only) defaults to ``"sigma_min"``.
+    """
+    alphas_cumprod = _alphas_cumprod(settings)
     betas = 1.0 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
-    spacing = timestep_spacing or getattr(settings, "timestep_spacing", "leading")
-    prediction = prediction_type or getattr(settings, "prediction_type", "epsilon")
-    if spacing not in TIMESTEP_SPACINGS:
+    spacing = timestep_spacing or _setting(settings, "timestep_spacing", None)
+    prediction = prediction_type or _setting(settings, "prediction_type", "epsilon")
+    final = final_sigmas_type or "sigma_min"
+    if spacing is not None and spacing not in TIMESTEP_SPACINGS:
         raise FairdiffError(
             f"timestep_spacing '{spacing}' is not supported; use one of {list(TIMESTEP_SPACINGS)} "
-            "(set it in scheduler/scheduler_config.json or pass timestep_spacing=...)."
+            "(set it in scheduler/scheduler_config.json or pass timestep_spacing=...; leave it unset to follow "
+            "diffusers' default of the solver)."
+        )
+    if final not in FINAL_SIGMAS_TYPES:
+        raise FairdiffError(
+            f"final_sigmas_type '{final}' is not supported; use one of {list(FINAL_SIGMAS_TYPES)} ('sigma_min': "
+            "second-order last step, as diffusers 0.19.3 and Flax; 'zero': first-order step to sigma 0)."
         )
     if prediction not in PREDICTION_TYPES:
         raise FairdiffError(
@@ -64,9 +108,10 @@ def make_schedule(
         alphas_cumprod=alphas_cumprod,
         betas=betas,
         timestep_spacing=spacing,
-        steps_offset=int(getattr(settings, "steps_offset", 0) or 0),
+        steps_offset=int(_setting(settings, "steps_offset", 0)),
         prediction_type=prediction,
-        set_alpha_to_one=bool(getattr(settings, "set_alpha_to_one", False)),
+        set_alpha_to_one=bool(_setting(settings, "set_alpha_to_one", False)),
+        final_sigmas_type=final,
     )
 
 
@@ -83,11 +128,12 @@ def timesteps_for(schedule: NoiseSchedule, num_steps: int, solver: str = "dpmpp_
         raise FairdiffError(f"num_steps={num_steps} is out of range; use 1..{total}.")
     # float64 numpy arithmetic, as diffusers' (PyTorch) schedulers compute it, so rounding ties agree
     k = np.arange(n)
-    if schedule.timestep_spacing == "leading":
+    spacing = schedule.spacing(solver)
+    if spacing == "leading":
         # DPM-Solver spaces n+1 points and drops t=0; DDIM spaces n points
         ratio = total // (n + 1) if solver == "dpmpp_2m" else total // n
         steps = (n - k - (0 if solver == "dpmpp_2m" else 1)) * ratio + schedule.steps_offset
-    elif schedule.timestep_spacing == "linspace":
+    elif spacing == "linspace":
         points = n + 1 if solver == "dpmpp_2m" else n
         steps = np.linspace(0, total - 1, points).round()[::-1][:n]
     else:  # trailing
@@ -130,7 +176,12 @@ class StepTable(NamedTuple):
 
 
 def _dpmpp_2m_updates(schedule: NoiseSchedule, steps: np.ndarray):
-    """DPM-Solver++ (2M, midpoint) coefficients as diffusers' Flax scheduler runs them (last step to t=0)."""
+    """DPM-Solver++ (2M, midpoint) coefficients as diffusers runs them.
+
+    ``final_sigmas_type="sigma_min"`` (diffusers 0.19.3 and Flax): the last step goes to t = 0, second order
+    from 15 steps on. ``"zero"`` (PyTorch diffusers >= 0.26's default): the last step is first order to
+    sigma = 0, which returns the last data prediction ``x0`` exactly.
+    """
     n = len(steps)
     alpha = np.sqrt(schedule.alphas_cumprod)
     sigma = np.sqrt(1.0 - schedule.alphas_cumprod)
@@ -138,6 +189,9 @@ def _dpmpp_2m_updates(schedule: NoiseSchedule, steps: np.ndarray):
     targets = np.concatenate([steps[1:], [0]])
     coef_latent, coef_x0, coef_prev = np.zeros(n), np.zeros(n), np.zeros(n)
     for i, (s0, t) in enumerate(zip(steps, targets)):
+        if i == n - 1 and schedule.final_sigmas_type == "zero":
+            coef_x0[i] = 1.0  # sigma_t = 0, alpha_t = 1, h = inf: z_next = x0
+            continue
         h = lam[t] - lam[s0]
         phi = alpha[t] * (np.exp(-h) - 1.0)  # the first-order update is sigma_t/sigma_s * z - phi * x0
         coef_latent[i] = sigma[t] / sigma[s0]
@@ -164,6 +218,11 @@ def _ddim_updates(schedule: NoiseSchedule, steps: np.ndarray):
 def step_table(schedule: NoiseSchedule, num_steps: int, max_steps: int, solver: str) -> StepTable:
     """Float64 per-step constants for a run of ``num_steps`` padded to ``max_steps`` (identity padding)."""
     check_solver(solver)
+    if solver == "ddim" and schedule.final_sigmas_type != "sigma_min":
+        raise FairdiffError(
+            f"final_sigmas_type '{schedule.final_sigmas_type}' applies to DPM-Solver++ only; for DDIM leave it "
+            "'sigma_min' (DDIM's last step is set by the scheduler config's set_alpha_to_one)."
+        )
     n = int(num_steps)
     steps = timesteps_for(schedule, n, solver)
     alpha_bar = schedule.alphas_cumprod[steps]

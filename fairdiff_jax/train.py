@@ -20,11 +20,11 @@ from jax.sharding import PartitionSpec as P
 
 from fairdiff_jax import parallel
 from fairdiff_jax.adaptors.spec import write_adaptor_metadata
-from fairdiff_jax.adaptors.transform import apply_adaptor
+from fairdiff_jax.adaptors.transform import adapt_weights
 from fairdiff_jax.checkpoints import Checkpointer
 from fairdiff_jax.config import plain_config, refuse_unsupported_training, write_resolved_config
 from fairdiff_jax.errors import FairdiffError
-from fairdiff_jax.generation import SamplerSettings, make_generator, tokenize
+from fairdiff_jax.generation import SamplerSettings, make_generator, tokenize, uncond_ids
 from fairdiff_jax.images import save_image_grid
 from fairdiff_jax.optim import make_optimizer
 from fairdiff_jax.preemption import PreemptionFlag
@@ -89,17 +89,22 @@ def make_batch(run: Run, cfg, prompts: Sequence[str], step: int) -> Batch:
     low, high = (int(s) for s in cfg.sampler.train_steps)
     num_steps = jax.random.randint(steps_key, (), low, high + 1, dtype=jnp.int32)
     shape = (int(cfg.train.images_per_prompt), len(prompts)) + run.pipeline.latent_shape
+    cond_ids = tokenize(run.pipeline, prompts, soft_tokens=True)
+    plain_ids = tokenize(run.pipeline, prompts, soft_tokens=False)
     return Batch(
         noise=jax.random.normal(noise_key, shape, jnp.float32),
-        cond_ids=jnp.asarray(tokenize(run.pipeline, prompts, soft_tokens=True)),
-        plain_ids=jnp.asarray(tokenize(run.pipeline, prompts, soft_tokens=False)),
-        uncond_ids=jnp.asarray(tokenize(run.pipeline, [""], soft_tokens=False)),
+        cond_ids=jnp.asarray(cond_ids),
+        plain_ids=jnp.asarray(plain_ids),
+        uncond_ids=jnp.asarray(uncond_ids(run.pipeline, cond_ids)),
+        plain_uncond_ids=jnp.asarray(uncond_ids(run.pipeline, plain_ids)),
         num_steps=num_steps,
         key=ot_key,
     )
 
 
-BATCH_SPECS = Batch(noise=P(parallel.AXIS), cond_ids=P(), plain_ids=P(), uncond_ids=P(), num_steps=P(), key=P())
+BATCH_SPECS = Batch(
+    noise=P(parallel.AXIS), cond_ids=P(), plain_ids=P(), uncond_ids=P(), plain_uncond_ids=P(), num_steps=P(), key=P()
+)
 
 
 def build_parallel_step(model, optimizer, mesh, mode: str):
@@ -131,14 +136,20 @@ def _host_metrics(metrics: dict) -> dict:
 def write_samples(run: Run, ema_params, prompts: Sequence[str], path: str, generator, per_prompt: int = 8):
     """A grid of ``per_prompt`` images per prompt from the EMA adaptor, fixed noise, a bar per attribute."""
     frozen = run.frozen
-    unet_params, te_params = apply_adaptor(run.spec, ema_params, frozen["unet"], frozen["text_encoder"])
-    uncond_ids = jnp.asarray(tokenize(run.pipeline, [""], soft_tokens=False))
+    unet_params, te_params, branches = adapt_weights(run.spec, ema_params, frozen["unet"], frozen["text_encoder"])
     images, labels = [], {name: [] for name in run.task.attributes}
     for index, prompt in enumerate(prompts):
         noise = jax.random.normal(jax.random.PRNGKey(index), (per_prompt,) + run.pipeline.latent_shape, jnp.float32)
-        cond_ids = jnp.asarray(tokenize(run.pipeline, [prompt], soft_tokens=True))
+        cond_ids = tokenize(run.pipeline, [prompt], soft_tokens=True)
         out, pred, _ = generator(
-            unet_params, te_params, frozen["vae"], frozen["classifier"], cond_ids, uncond_ids, noise
+            unet_params,
+            te_params,
+            frozen["vae"],
+            frozen["classifier"],
+            jnp.asarray(cond_ids),
+            jnp.asarray(uncond_ids(run.pipeline, cond_ids)),
+            noise,
+            branches,
         )
         images.append(np.asarray(out))
         for name in run.task.attributes:
@@ -164,11 +175,13 @@ def _restore(checkpointer: Checkpointer, state: TrainState, prompts: PromptItera
             log.warning("resuming from step %d: deleted the later checkpoints %s", step, dropped)
     prompts.restore(restored.meta["prompts"])
     log.info("resumed from the checkpoint of step %d in %s", restored.step, workdir)
+    skipped = int(restored.meta.get("skipped", 0))
     state = TrainState(
         restored.adaptor["params"],
         restored.adaptor["ema"],
         restored.opt_state,
-        jnp.asarray(restored.meta.get("skipped", 0), jnp.int32),
+        jnp.asarray(skipped, jnp.int32),
+        jnp.asarray(restored.meta.get("ema_updates", restored.step - skipped), jnp.int32),
     )
     return state, restored.step
 
@@ -206,6 +219,12 @@ def train(
     parallel.maybe_initialize_distributed(cfg)
     make_folder(workdir, "--workdir")
     run = run or build_run(cfg)
+    if float(cfg.loss.lambda_img) > 0 and not run.feature_fns:
+        raise FairdiffError(
+            f"loss.lambda_img={cfg.loss.lambda_img} needs semantic encoders, but none is configured: set "
+            "--config.loss.clip_path and --config.loss.dino_path (CLIP and DINOv2 folders), or "
+            "--config.loss.lambda_img=0 to train without L_img"
+        )
     mesh = parallel.make_mesh()
     if int(cfg.train.images_per_prompt) % mesh.size:
         raise FairdiffError(
@@ -250,20 +269,21 @@ class _TrainLoop:
     def run(self, state, prompts, progress: bool) -> TrainResult:
         cfg, total = self.cfg, int(self.cfg.num_steps)
         frozen = parallel.replicate(self.run_.frozen, self.mesh)
-        compiled, step = None, self.start
+        executables, step = {}, self.start  # one compiled step per token-id shape (prompt_padding="prompt")
         with MetricsWriter(self.workdir) as writer, PreemptionFlag() as preempted:
             bar = progress_bar(total, initial=self.start, enabled=progress and is_main_process())
             for step in range(self.start + 1, total + 1):
                 prompts_now = next(prompts)
                 batch = place_batch(make_batch(self.run_, cfg, prompts_now, step), self.mesh)
-                if compiled is None:
+                shapes = (batch.cond_ids.shape, batch.plain_ids.shape)
+                if shapes not in executables:
                     if cfg.parallel.mode == "shard_map":
-                        compiled, stats = compile_with_stats(self.step_fn, state, frozen, batch)
+                        executables[shapes], stats = compile_with_stats(self.step_fn, state, frozen, batch)
                         writer.write_scalars(step, {f"compile/{k}": v for k, v in stats.items()})
                     else:
-                        compiled = self.step_fn
+                        executables[shapes] = self.step_fn
                 started = time.perf_counter()
-                state, metrics = compiled(state, frozen, batch)
+                state, metrics = executables[shapes](state, frozen, batch)
                 finite = bool(metrics["finite"])
                 if step % int(cfg.log_every) == 0 or step == total or not finite:
                     scalars = _host_metrics(metrics)
@@ -277,7 +297,11 @@ class _TrainLoop:
                 # last step and a requested stop always save a good state, so a short run still leaves its adaptor
                 stop = preempted.any_requested()
                 if finite:
-                    meta = {"prompts": prompts.state(), "skipped": int(np.asarray(state.skipped))}
+                    meta = {
+                        "prompts": prompts.state(),
+                        "skipped": int(np.asarray(state.skipped)),
+                        "ema_updates": int(np.asarray(state.ema_updates)),
+                    }
                     adaptor = {"params": state.params, "ema": state.ema}
                     if self.checkpointer.save(step, adaptor, state.opt_state, meta, force=step == total or stop):
                         self.last_saved = step

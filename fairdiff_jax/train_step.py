@@ -21,9 +21,9 @@ import optax
 
 from fairdiff_jax.adaptors import ema_update
 from fairdiff_jax.adaptors.spec import AdaptorSpec
-from fairdiff_jax.adaptors.transform import apply_adaptor, init_adaptor, project_adaptor
-from fairdiff_jax.alignment import alignment_cross_entropy, distributional_alignment_grouped, semantic_weights
-from fairdiff_jax.alignment.semantic import semantic_loss
+from fairdiff_jax.adaptors.transform import adapt_weights, init_adaptor, project_adaptor
+from fairdiff_jax.alignment import alignment_cross_entropy, distributional_alignment_grouped
+from fairdiff_jax.alignment.semantic import mismatch_factor, semantic_loss
 from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.generation import Pipeline, SamplerSettings, embed, generate_images
 from fairdiff_jax.metrics import bias_from_freq
@@ -37,6 +37,7 @@ class TrainState(NamedTuple):
     ema: Any  # their exponential moving average (what is exported)
     opt_state: Any
     skipped: jax.Array  # number of updates refused for a non-finite loss or gradient
+    ema_updates: jax.Array  # number of EMA updates so far (finite steps), for the EMA warm-up
 
 
 class Batch(NamedTuple):
@@ -44,8 +45,9 @@ class Batch(NamedTuple):
 
     noise: jax.Array  # [N, P, C, h, w], image-major
     cond_ids: jax.Array  # [P, L] prompt ids (with soft tokens when the adaptor has them)
-    plain_ids: jax.Array  # [P, L] prompt ids for the original model
-    uncond_ids: jax.Array  # [1, L] ids of ""
+    plain_ids: jax.Array  # [P, L'] prompt ids for the original model
+    uncond_ids: jax.Array  # [1, L] ids of "" (as long as cond_ids)
+    plain_uncond_ids: jax.Array  # [1, L'] ids of "" (as long as plain_ids; L' = L unless prompt_padding="prompt")
     num_steps: jax.Array  # int32 scalar, the iteration's step count
     key: jax.Array  # PRNG key for the sampled transport
 
@@ -57,8 +59,10 @@ class LossSettings:
     lambda_img: float
     confidence: float
     num_ot_samples: int
-    factor1: float  # weight of L_img for images whose target differs from the original's class
+    factor1: tuple  # ((attribute, weight of L_img where its target differs from the original's class), ...)
     microbatch: int  # images per gradient chunk; 0 = all at once
+    cost_weights: tuple = ()  # ((attribute, [K][K] transport-cost weights), ...) for the weighted attributes
+    ema_warmup: bool = False  # diffusers' EMAModel warm-up of the EMA decay (adaptor.ema_warmup)
 
     @classmethod
     def from_config(cls, cfg) -> LossSettings:
@@ -66,8 +70,14 @@ class LossSettings:
             lambda_img=float(cfg.loss.lambda_img),
             confidence=float(cfg.loss.confidence),
             num_ot_samples=int(cfg.loss.num_ot_samples),
-            factor1=min(float(cfg.attributes[n].factor1) for n in cfg.attributes),
+            factor1=tuple((n, float(cfg.attributes[n].factor1)) for n in sorted(cfg.attributes)),
             microbatch=int(cfg.train.microbatch),
+            cost_weights=tuple(
+                (n, tuple(tuple(row) for row in cfg.attributes[n].cost_weights))
+                for n in sorted(cfg.attributes)
+                if tuple(cfg.attributes[n].cost_weights)
+            ),
+            ema_warmup=bool(cfg.adaptor.ema_warmup),
         )
 
 
@@ -107,7 +117,7 @@ def init_state(spec: AdaptorSpec, frozen: dict, optimizer: optax.GradientTransfo
     """The state at step 0; the EMA gets its own buffers (the state is donated to the step)."""
     params = init_adaptor(key, spec, frozen["unet"], frozen["text_encoder"])
     ema = jax.tree.map(jnp.copy, params)
-    return TrainState(params, ema, optimizer.init(params), jnp.zeros((), jnp.int32))
+    return TrainState(params, ema, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def check_microbatch(microbatch: int, local_images: int) -> None:
@@ -148,7 +158,7 @@ def original_images(model: StepModel, frozen: dict, batch: Batch, noise: jax.Arr
     """``x_ori`` ``[n*P, H, W, 3]``: the frozen original model, same noise and step count, no gradient."""
     n = batch.noise.shape[0]
     cond = jnp.tile(embed(model.pipeline, frozen["text_encoder"], batch.plain_ids), (n, 1, 1))
-    uncond = embed(model.pipeline, frozen["text_encoder"], batch.uncond_ids)
+    uncond = embed(model.pipeline, frozen["text_encoder"], batch.plain_uncond_ids)
     images = generate_images(
         model.pipeline,
         model.sampler,
@@ -166,9 +176,9 @@ def original_images(model: StepModel, frozen: dict, batch: Batch, noise: jax.Arr
 
 def adapted_images(model: StepModel, params, frozen: dict, batch: Batch, rows_noise, rows_prompt, gradient_mode: str):
     """Images ``[R, H, W, 3]`` of the adapted model for noise rows ``[R, C, h, w]`` and their prompt indices ``[R]``."""
-    unet_params, te_params = apply_adaptor(model.spec, params, frozen["unet"], frozen["text_encoder"])
-    cond = embed(model.pipeline, te_params, batch.cond_ids)[rows_prompt]
-    uncond = embed(model.pipeline, te_params, batch.uncond_ids)
+    unet_params, te_params, branches = adapt_weights(model.spec, params, frozen["unet"], frozen["text_encoder"])
+    cond = embed(model.pipeline, te_params, batch.cond_ids, branch=branches.get("text_encoder"))[rows_prompt]
+    uncond = embed(model.pipeline, te_params, batch.uncond_ids, branch=branches.get("text_encoder"))
     return generate_images(
         model.pipeline,
         model.sampler,
@@ -180,6 +190,7 @@ def adapted_images(model: StepModel, params, frozen: dict, batch: Batch, rows_no
         batch.num_steps,
         max_steps=model.sampler.max_train_steps,
         gradient_mode=gradient_mode,
+        unet_branch=branches.get("unet"),
     )
 
 
@@ -194,8 +205,15 @@ def group_targets(model: StepModel, logits: dict, valid: jax.Array, batch: Batch
         num_samples=model.loss.num_ot_samples,
         confidence=model.loss.confidence,
         axis_name=axis_name,
+        cost_weights={n: jnp.asarray(w, jnp.float32) for n, w in model.loss.cost_weights},
     )
     return align, {k: _ungroup(v) for k, v in align.labels.items()}
+
+
+def semantic_weights(model: StepModel, labels: dict, ori_pred: dict, valid: jax.Array) -> jax.Array:
+    """Per-image factor1 ``[B]`` as the paper's authors choose it (:func:`alignment.semantic.mismatch_factor`);
+    ``ori_pred`` holds the original image's classes, −1 where it has no face."""
+    return mismatch_factor(labels, ori_pred, valid, dict(model.loss.factor1))
 
 
 def semantic_term(model: StepModel, frozen: dict, images, x_ori, weights) -> jax.Array:
@@ -219,7 +237,7 @@ def one_pass_value_and_grad(model, params, frozen, batch, noise, prompt_of, x_or
         images = adapted_images(model, params, frozen, batch, noise, prompt_of, model.sampler.gradient_mode)
         logits, valid = model.classifier(frozen["classifier"], images)
         align, labels = group_targets(model, logits, valid, batch, axis_name)
-        weights = semantic_weights(labels, ori_pred, model.loss.factor1)
+        weights = semantic_weights(model, labels, ori_pred, valid)
         img = semantic_term(model, frozen, images, x_ori, weights)
         aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align.loss, "img": img}
         return total_loss(model, align.loss, img), aux
@@ -236,7 +254,7 @@ def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, 
     images = jax.lax.stop_gradient(adapted_images(model, params, frozen, batch, noise, prompt_of, "detached"))
     logits, valid = model.classifier(frozen["classifier"], images)
     _, labels = group_targets(model, logits, valid, batch, axis_name)
-    weights = semantic_weights(labels, ori_pred, model.loss.factor1)
+    weights = semantic_weights(model, labels, ori_pred, valid)
 
     def chunk_loss(params, rows_noise, rows_prompt, rows_x_ori, rows_labels, rows_weights):
         rows_images = adapted_images(model, params, frozen, batch, rows_noise, rows_prompt, model.sampler.gradient_mode)
@@ -269,10 +287,12 @@ def apply_update(model: StepModel, optimizer, state: TrainState, grads, loss) ->
     finite = (
         all_finite(grads) & jnp.isfinite(loss) & jnp.isfinite(update_norm) & jnp.isfinite(optax.global_norm(params))
     )
-    ema = ema_update(state.ema, params, model.spec.ema_decay)
+    count = state.ema_updates + 1 if model.loss.ema_warmup else None  # this update's number, as EMAModel counts
+    ema = ema_update(state.ema, params, model.spec.ema_decay, update_count=count)
     new_state = TrainState(
         *keep_if_finite(finite, (params, ema, opt_state), (state.params, state.ema, state.opt_state)),
         state.skipped + (~finite).astype(jnp.int32),
+        state.ema_updates + finite.astype(jnp.int32),
     )
     return new_state, {"finite": finite, "update_norm": update_norm}
 
@@ -298,11 +318,10 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, *, model: StepMode
     noise = batch.noise.reshape((n * num_prompts,) + batch.noise.shape[2:])
     prompt_of = jnp.arange(n * num_prompts) % num_prompts  # the prompt of each image-major row
     x_ori = original_images(model, frozen, batch, noise)
-    ori_logits, _ = model.classifier(frozen["classifier"], x_ori)
+    ori_logits, ori_valid = model.classifier(frozen["classifier"], x_ori)
+    ori_pred = {k: jnp.where(ori_valid, v, -1) for k, v in _predictions(ori_logits).items()}  # -1: no face
     value_and_grad = microbatched_value_and_grad if model.loss.microbatch else one_pass_value_and_grad
-    loss, aux, grads = value_and_grad(
-        model, state.params, frozen, batch, noise, prompt_of, x_ori, _predictions(ori_logits), axis_name
-    )
+    loss, aux, grads = value_and_grad(model, state.params, frozen, batch, noise, prompt_of, x_ori, ori_pred, axis_name)
     grads, loss = reduce(grads), reduce(loss)
     new_state, update = apply_update(model, optimizer, state, grads, loss)
     metrics = {

@@ -214,7 +214,7 @@ def test_prompt_iterator_resumes_exactly_and_covers_each_epoch():
 
 
 def test_unwired_keys_are_refused_where_they_would_be_read(model_dir):
-    from fairdiff_jax.config import refuse_unsupported_evaluation, refuse_unsupported_training
+    from fairdiff_jax.config import refuse_unsupported_training
 
     paper = load_config(config_path("gender_race.py"), [f"--config.model.path={model_dir}"])
     with pytest.raises(FairdiffError, match="not supported yet") as info:
@@ -231,7 +231,3 @@ def test_unwired_keys_are_refused_where_they_would_be_read(model_dir):
         f"--config.model.path={model_dir}",
     ]
     refuse_unsupported_training(load_config(config_path("gender_race.py"), off))  # nothing left to refuse
-    with pytest.raises(FairdiffError, match="eval_classifier is set, but scoring with a separate"):
-        refuse_unsupported_evaluation(
-            load_config(config_path("gender.py"), [f"--config.attributes.gender.eval_classifier={model_dir}", off[-1]])
-        )

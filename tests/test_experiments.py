@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from fairdiff_jax.attributes import MobileNetV3Large, init_variables, save_classifier
 from fairdiff_jax.attributes.tiny_encoders import write_tiny_clip_folder, write_tiny_dinov2_folder
 
@@ -13,17 +15,22 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import reproduce  # noqa: E402
 
 
-def test_table1_gender_row_on_tiny_models(tiny_sd_path, tmp_path, capsys):
-    classifier = str(tmp_path / "gender_classifier")
-    module = MobileNetV3Large({"gender": 2}, width_multiplier=0.25)
+def _save_tiny_classifier(folder, head_bias=None):
+    """A tiny MobileNetV3 gender classifier; ``head_bias`` (e.g. (-50, 50)) makes it name one class always."""
+    variables = init_variables(MobileNetV3Large({"gender": 2}, width_multiplier=0.25), image_size=32, seed=0)
+    if head_bias is not None:
+        variables["params"]["head_gender"]["kernel"] = np.zeros_like(variables["params"]["head_gender"]["kernel"])
+        variables["params"]["head_gender"]["bias"] = np.asarray(head_bias, np.float32)
     save_classifier(
-        classifier,
-        init_variables(module, image_size=32, seed=0),
-        classes={"gender": ("female", "male")},
-        width_multiplier=0.25,
-        input_size=32,
-        face_crop=False,
+        folder, variables, classes={"gender": ("female", "male")}, width_multiplier=0.25, input_size=32, face_crop=False
     )
+    return folder
+
+
+def test_table1_gender_row_on_tiny_models(tiny_sd_path, tmp_path, capsys):
+    classifier = _save_tiny_classifier(str(tmp_path / "gender_classifier"))
+    # the separately trained evaluation classifier (here: one that calls everyone male, so its scoring shows)
+    eval_classifier = _save_tiny_classifier(str(tmp_path / "gender_eval_classifier"), head_bias=(-50.0, 50.0))
     prompts = str(tmp_path / "prompts.json")
     with open(prompts, "w") as f:
         json.dump(["a photo of a doctor", "a photo of a nurse"], f)
@@ -40,6 +47,8 @@ def test_table1_gender_row_on_tiny_models(tiny_sd_path, tmp_path, capsys):
             tiny_sd_path,
             "--classifier",
             f"gender={classifier}",
+            "--eval-classifier",
+            f"gender={eval_classifier}",
             "--steps",
             "1",
             "--rows",
@@ -47,6 +56,10 @@ def test_table1_gender_row_on_tiny_models(tiny_sd_path, tmp_path, capsys):
             "--eval-clip",
             clip,
             "--eval-dino",
+            dino,
+            "--clip",  # the loss's encoders (L_img is on in the paper config; a config without them is refused)
+            clip,
+            "--dino",
             dino,
             f"--config.data.prompts={prompts}",
             "--config.model.dtype=float32",
@@ -75,4 +88,9 @@ def test_table1_gender_row_on_tiny_models(tiny_sd_path, tmp_path, capsys):
         metrics = json.load(f)
     assert metrics["n_images"] == 16 and set(metrics["models"]) == {"original", "debiased (step 1)"}
     assert {"clip_t", "clip_i", "dino"} <= set(metrics)
+    # the evaluation classifier scored, and every record says so
+    assert metrics["scored_by"] == {"gender": f"eval_classifier {eval_classifier}"}
+    assert all(m["freq"]["gender"] == [0.0, 1.0] for m in metrics["models"].values())
+    assert f"Scored by: gender: eval_classifier {eval_classifier}." in table
+    assert "training classifier scored" not in table
     assert "gender (ours)" in capsys.readouterr().out

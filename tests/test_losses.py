@@ -16,10 +16,10 @@ from fairdiff_jax.alignment import (
     face_realism_loss,
     face_targets,
     joint_class,
+    mismatch_factor,
     nearest_reference,
     scale_face_gradient,
     semantic_loss,
-    semantic_weights,
 )
 from fairdiff_jax.attributes import FaceAttributeClassifier, FacePipeline
 
@@ -124,7 +124,7 @@ def test_semantic_loss_values_weights_and_finite_gradients():
     extractors = [linear_extractor(5, 0), linear_extractor(7, 1)]
     images = jnp.asarray(RNG.uniform(-1, 1, size=(3, 8, 8, 3)), jnp.float32)
     original = jnp.asarray(RNG.uniform(-1, 1, size=(3, 8, 8, 3)), jnp.float32)
-    weights = semantic_weights({"g": jnp.array([1, 0, -1])}, {"g": jnp.array([1, 1, 1])})
+    weights = mismatch_factor({"g": jnp.array([1, 0, -1])}, {"g": jnp.array([1, 1, 1])}, jnp.ones(3, bool), {"g": 0.2})
     np.testing.assert_allclose(np.asarray(weights), [1.0, 0.2, 0.2])
     loss, per_image = semantic_loss(images, original, extractors, weights=weights)
     want = np.zeros(3)

@@ -35,7 +35,7 @@ def diffusers_timesteps(solver: str, num_steps: int) -> np.ndarray:
     if solver == "ddim":
         scheduler = FlaxDDIMScheduler.from_config(dict(SD_CONFIG, set_alpha_to_one=False, clip_sample=False))
         return np.asarray(scheduler.set_timesteps(scheduler.create_state(), num_steps).timesteps)
-    scheduler = FlaxDPMSolverMultistepScheduler.from_config(dict(SD_CONFIG, timestep_spacing="leading"))
+    scheduler = FlaxDPMSolverMultistepScheduler.from_config(SD_CONFIG)  # no spacing named: "linspace"
     return np.asarray(scheduler.set_timesteps(scheduler.create_state(), num_steps, (1,)).timesteps)
 
 
@@ -217,7 +217,7 @@ def diffusers_loop(case, solver, num_steps):
         scheduler = FlaxDDIMScheduler.from_config(dict(SD_CONFIG, set_alpha_to_one=False, clip_sample=False))
         state = scheduler.set_timesteps(scheduler.create_state(), num_steps)
     else:
-        scheduler = FlaxDPMSolverMultistepScheduler.from_config(dict(SD_CONFIG, timestep_spacing="leading"))
+        scheduler = FlaxDPMSolverMultistepScheduler.from_config(SD_CONFIG)  # no spacing named: "linspace"
         state = scheduler.set_timesteps(scheduler.create_state(), num_steps, case.noise.shape)
     step = jax.jit(lambda state, output, t, latents: scheduler.step(state, output, t, latents, return_dict=False))
     latents = case.noise

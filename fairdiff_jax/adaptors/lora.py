@@ -79,10 +79,12 @@ def init_lora(
     *,
     dtype=jnp.float32,
 ) -> dict:
-    """LoRA factors for every targeted kernel: ``down`` [in, r] random, ``up`` [r, out] zero.
+    """LoRA factors for every targeted kernel: ``down`` [in, r] ~ N(0, (1/r)^2), ``up`` [r, out] zero.
 
-    ``down`` ~ N(0, 1/in) keeps ``x @ down`` at the scale of ``x``; ``up = 0`` makes the adapted model
-    start exactly at the base model. The factor ``alpha / rank`` is applied by :func:`apply_lora`.
+    As diffusers' ``LoRALinearLayer`` (``normal_(down, std=1 / rank)``, ``zeros_(up)``), the layer the paper's
+    authors train (sail-sg/finetune-fair-diffusion, exp-*/1-main-debias.py: ``LoRAAttnProcessor`` and
+    ``LoraLoaderMixin._modify_text_encoder``); ``up = 0`` starts the adapted model exactly at the base model.
+    The factor ``alpha / rank`` is applied by :func:`apply_lora`.
     """
     if int(rank) < 1:
         raise FairdiffError(f"LoRA rank must be >= 1 (got {rank}); the paper uses 50.")
@@ -92,7 +94,7 @@ def init_lora(
     out = {}
     for module, module_key in zip(modules, keys):
         fan_in, fan_out = np.shape(flat[module + ("kernel",)])
-        down = jax.random.normal(module_key, (fan_in, int(rank)), dtype) / np.sqrt(fan_in)
+        down = jax.random.normal(module_key, (fan_in, int(rank)), dtype) / int(rank)
         out[module] = {"down": down, "up": jnp.zeros((int(rank), fan_out), dtype)}
     return unflatten_dict(out)
 

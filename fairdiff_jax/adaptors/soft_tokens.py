@@ -115,6 +115,11 @@ def grow_text_encoder(text_encoder, num_tokens: int):
     return type(text_encoder)(config, dtype=text_encoder.dtype, _do_init=False)
 
 
+def conditional_texts(prompts: Sequence[str], token: str, num_tokens: int) -> list[str]:
+    """``"<fair> <fair>_1 ... prompt"`` for each prompt: the text the soft tokens are read from."""
+    return [" ".join(soft_token_names(token, num_tokens)) + " " + prompt for prompt in prompts]
+
+
 def conditional_prompt_ids(
     tokenizer, prompts: Sequence[str], token: str, num_tokens: int, *, max_length: int | None = None
 ) -> np.ndarray:
@@ -127,10 +132,29 @@ def conditional_prompt_ids(
     missing = [n for n in names if n not in tokenizer.get_vocab()]
     if missing:
         raise FairdiffError(f"soft tokens {missing} are not in the tokenizer; build it with add_soft_tokens first.")
-    texts = [" ".join(names) + " " + prompt for prompt in prompts]
+    texts = conditional_texts(prompts, token, num_tokens)
     length = int(max_length or tokenizer.model_max_length)
     ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)
+
+
+# "max_length": every text padded to the tokenizer's length (77 for SD; what diffusers' pipelines encode);
+# "prompt": padded to the prompt's own length with an attention mask, and "" padded to that length — the
+# paper authors' ``tokenizer(prompts, padding=True)`` (sail-sg/finetune-fair-diffusion, exp-*/1-main-debias.py
+# and gen-images.py, ``generate_image*``)
+PROMPT_PADDINGS = ("max_length", "prompt")
+
+
+def token_length(tokenizer, texts: Sequence[str]) -> int:
+    """The longest tokenised length of ``texts`` (with BOS and EOS), at most the tokenizer's max length."""
+    ids = tokenizer(list(texts), truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return max(len(row) for row in ids)
+
+
+def padded_tokens(tokenizer, texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, attention_mask)``, each ``[B, length]`` int32: ``texts`` padded (or truncated) to ``length``."""
+    out = tokenizer(list(texts), padding="max_length", max_length=int(length), truncation=True)
+    return np.asarray(out["input_ids"], np.int32), np.asarray(out["attention_mask"], np.int32)
 
 
 def prompt_ids(tokenizer, prompts: Sequence[str], *, max_length: int | None = None) -> np.ndarray:

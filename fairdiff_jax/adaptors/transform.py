@@ -10,10 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from fairdiff_jax.adaptors import lora as lora_lib
 from fairdiff_jax.adaptors import oft as oft_lib
 from fairdiff_jax.adaptors import soft_tokens as soft_lib
+from fairdiff_jax.adaptors.lora_branch import LoraBranch, kernels_are_float32
 from fairdiff_jax.adaptors.spec import AdaptorSpec, _mismatch, _shapes_digest, _weights_of
 
 
@@ -76,3 +78,24 @@ def project_adaptor(spec: AdaptorSpec, adaptor_params: Mapping) -> Any:
     projected = dict(adaptor_params)
     projected["oft"] = {c: oft_lib.project_oft(tree, spec.oft_settings) for c, tree in adaptor_params["oft"].items()}
     return projected
+
+
+def adapt_weights(
+    spec: AdaptorSpec, adaptor_params: Mapping, unet_params: Mapping | None, text_encoder_params: Mapping | None
+) -> tuple[Any, Any, dict[str, LoraBranch]]:
+    """``(unet_params, text_encoder_params, branches)`` for generation: as :func:`apply_adaptor`, except that a
+    component whose adapted kernels are not float32 (bf16 frozen weights) keeps its frozen kernels and gets an
+    unmerged float32 :class:`~fairdiff_jax.adaptors.lora_branch.LoraBranch` (``branches[component]``), so no
+    update is rounded away. Run that component's model through ``lora_branch.with_branch``.
+    """
+    trees = {"unet": unet_params, "text_encoder": text_encoder_params}
+    lora = dict(adaptor_params.get("lora", {}))
+    branches = {
+        component: LoraBranch(factors, jnp.asarray(spec.lora_scale, jnp.float32))
+        for component, factors in lora.items()
+        if not kernels_are_float32(trees[component], factors)
+    }
+    merged = {key: value for key, value in adaptor_params.items() if key != "lora"}
+    merged["lora"] = {c: f for c, f in lora.items() if c not in branches}
+    unet, text_encoder = apply_adaptor(spec, merged, unet_params, text_encoder_params)
+    return unet, text_encoder, branches

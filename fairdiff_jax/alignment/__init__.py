@@ -10,10 +10,10 @@ from fairdiff_jax.alignment.losses import (
 )
 from fairdiff_jax.alignment.semantic import (
     cosine_similarity,
+    mismatch_factor,
     scale_face_gradient,
     scale_gradient,
     semantic_loss,
-    semantic_weights,
 )
 from fairdiff_jax.alignment.targets import (
     binary_expected_targets,
@@ -41,12 +41,12 @@ __all__ = [
     "face_realism_loss",
     "face_targets",
     "joint_class",
+    "mismatch_factor",
     "nearest_reference",
     "sample_target_labels",
     "scale_face_gradient",
     "scale_gradient",
     "semantic_loss",
-    "semantic_weights",
     "solve_assignment",
     "transport_expectation",
     "validate_target",

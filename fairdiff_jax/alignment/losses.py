@@ -53,6 +53,7 @@ def distributional_alignment(
     num_samples: int = 100,
     confidence: float = 0.8,
     axis_name: str | None = None,
+    cost_weights: Mapping[str, jax.Array] | None = None,
 ) -> AlignmentOutput:
     """Dynamic targets (no gradient) and L_align for one prompt group; the loss sums over attributes.
 
@@ -64,6 +65,7 @@ def distributional_alignment(
       axis_name: if set, the group's images are spread over this named axis (shard_map / pmap / vmap): the
         probabilities are all-gathered so that every device computes the same targets for the whole group, and
         the loss is this device's mean, so a ``pmean`` over the axis gives the group mean.
+      cost_weights: attribute name -> ``[K_a, K_a]`` transport-cost weights (``alignment.targets``), optional.
 
     Returns: AlignmentOutput(loss scalar, labels {name: [N]}, conf {name: [N]}).
     """
@@ -76,8 +78,15 @@ def distributional_alignment(
         valid_all = all_gather_group(valid, axis_name=axis_name)
     else:
         valid_all = valid
+    weights = [(cost_weights or {}).get(n) for n in names]
     labels, conf = dynamic_targets(
-        probs, [checked[n] for n in names], valid=valid_all, num_samples=num_samples, confidence=confidence, key=key
+        probs,
+        [checked[n] for n in names],
+        valid=valid_all,
+        num_samples=num_samples,
+        confidence=confidence,
+        key=key,
+        cost_weights=weights if any(w is not None for w in weights) else None,
     )
     if axis_name is not None:
         labels = [own_slice(x, local_n, axis_name=axis_name) for x in labels]
@@ -95,6 +104,7 @@ def distributional_alignment_grouped(
     num_samples: int = 100,
     confidence: float = 0.8,
     axis_name: str | None = None,
+    cost_weights: Mapping[str, jax.Array] | None = None,
 ) -> AlignmentOutput:
     """:func:`distributional_alignment` for G prompt groups: logits ``[G, N, K_a]``, valid ``[G, N]``.
 
@@ -113,6 +123,7 @@ def distributional_alignment_grouped(
             num_samples=num_samples,
             confidence=confidence,
             axis_name=axis_name,
+            cost_weights=cost_weights,
         )
 
     group_logits = {n: logits[n] for n in names}

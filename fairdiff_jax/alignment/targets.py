@@ -9,6 +9,12 @@ One binary attribute has a closed form: sort the valid images by p(class 1); wit
 the K0 lowest get class 0, so the image of ascending rank r has ``q(class 1) = P(K0 ≤ r) = BinomCDF(r; N, D0)``.
 Tied probabilities share the average over their ranks, so the result never depends on the order of images.
 Everything else is estimated with S sampled label sets, each solved exactly (``solve_assignment``).
+
+Optional per-attribute cost weights ``W [K, K]`` scale the difference of class k's probability when the label
+is u: the attribute's cost term becomes ``Σ_k (W[u, k] (p_k − 1[k = u]))²``. The paper's authors weight the
+"young" probability twice when the age label is "old" (:func:`old_label_young_weight`). For a lone binary
+attribute any positive weights leave the sorted assignment optimal (cost(p, 0) ∝ p_1 and cost(p, 1) ∝ 1 − p_1),
+so the closed form stays exact and ignores them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,39 @@ from fairdiff_jax.alignment.assignment import solve_assignment
 from fairdiff_jax.errors import FairdiffError
 
 TARGET_TOLERANCE = 1e-6
+AUTHORS_YOUNG_WEIGHT = 2.0  # exp-4-debias-gender-race-age/1-main-debias.py: ((prob_age[0] - 0) * 2) ** 2
+
+
+def old_label_young_weight(weight: float = AUTHORS_YOUNG_WEIGHT) -> np.ndarray:
+    """Age cost weights ``[2, 2]`` (classes young, old): with the label "old", the young probability's
+    difference counts ``weight`` times (sail-sg/finetune-fair-diffusion,
+    exp-4-debias-gender-race-age/1-main-debias.py, ``generate_dynamic_targets_gender_race_age``)."""
+    return np.array([[1.0, 1.0], [float(weight), 1.0]])
+
+
+def check_cost_weights(cost_weights, probs) -> list:
+    """Per attribute ``None`` or a positive finite ``[K, K]`` float32 array; one entry per attribute."""
+    if cost_weights is None:
+        return [None] * len(probs)
+    if len(cost_weights) != len(probs):
+        raise FairdiffError(
+            f"cost_weights has {len(cost_weights)} entries for {len(probs)} attributes; give one [K, K] array or "
+            "None per attribute."
+        )
+    checked = []
+    for index, (weights, p) in enumerate(zip(cost_weights, probs)):
+        if weights is None or isinstance(weights, jax.core.Tracer):
+            checked.append(weights)
+            continue
+        values = np.asarray(weights, np.float64)
+        k = p.shape[-1]
+        if values.shape != (k, k) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+            raise FairdiffError(
+                f"cost weights of attribute {index} must be a positive [K, K] = [{k}, {k}] array (row: label, "
+                f"column: class), got shape {values.shape}; e.g. old_label_young_weight() for age."
+            )
+        checked.append(jnp.asarray(values, jnp.float32))
+    return checked
 
 
 def validate_target(target, num_classes: int | None = None, name: str = "attribute") -> np.ndarray:
@@ -130,30 +169,47 @@ def sample_target_labels(key: jax.Array, target: Sequence[jax.Array], num_sample
 
 
 @jax.jit
-def transport_expectation(probs: Sequence[jax.Array], labels: Sequence[jax.Array], valid: jax.Array) -> list[jax.Array]:
+def transport_expectation(
+    probs: Sequence[jax.Array],
+    labels: Sequence[jax.Array],
+    valid: jax.Array,
+    cost_weights: Sequence[jax.Array | None] | None = None,
+) -> list[jax.Array]:
     """Average over label sets of the optimal assignment's one-hot labels, per attribute.
 
     Args:
       probs: per attribute ``[N, K_a]`` class probabilities.
       labels: per attribute ``[S, N]`` sampled labels; of each set, the first N_valid labels are used.
       valid: ``[N]`` bool; invalid images take no label.
+      cost_weights: per attribute ``None`` or ``[K_a, K_a]`` weights (module docs); default unweighted.
 
     Returns: per attribute ``[N, K_a]`` expected target ``q`` (rows of invalid images are 0).
     """
     n = probs[0].shape[0]
-    image_vec = jnp.concatenate(probs, axis=-1)  # [N, D]
-    label_vec = jnp.concatenate([jax.nn.one_hot(lab, p.shape[-1]) for lab, p in zip(labels, probs)], axis=-1)
-    distance = jnp.linalg.norm(image_vec[None, :, None, :] - label_vec[:, None, :, :], axis=-1)  # [S, N, N]
+    cost_weights = [None] * len(probs) if cost_weights is None else list(cost_weights)
+    squared = jnp.zeros((labels[0].shape[0], n, n), jnp.float32)  # [S, image, label]
+    worst = 0.0  # the largest possible squared distance, for the penalty below
+    for p, lab, weights in zip(probs, labels, cost_weights):
+        one_hot = jax.nn.one_hot(lab, p.shape[-1])  # [S, N, K]
+        diff = p[None, :, None, :] - one_hot[:, None, :, :]
+        if weights is not None:
+            diff = diff * weights[lab][:, None, :, :]
+            worst = worst + 2.0 * jnp.max(weights) ** 2
+        else:
+            worst = worst + 2.0
+        squared = squared + jnp.sum(diff**2, axis=-1)
+    distance = jnp.sqrt(squared)
     # Only the first N_valid labels are real; invalid images are matched to the rest at no cost. Any plan that
     # pairs a valid image with a spare label costs 2*penalty more than the swap, so it is never optimal.
     real_label = jnp.arange(n) < valid.sum()
-    penalty = jnp.sqrt(2.0 * len(probs)) + 1.0
+    penalty = jnp.sqrt(worst) + 1.0
     cost = jnp.where(
         valid[:, None] & real_label[None, :],
         distance,
         jnp.where(valid[:, None] | real_label[None, :], penalty, 0.0),
     )
     matched = jax.vmap(solve_assignment)(cost)  # [S, N]
+    label_vec = jnp.concatenate([jax.nn.one_hot(lab, p.shape[-1]) for lab, p in zip(labels, probs)], axis=-1)
     chosen = jnp.take_along_axis(label_vec, matched[:, :, None], axis=1)  # [S, N, D]
     q = jnp.where(valid[:, None], chosen.mean(axis=0), 0.0)
     splits = np.cumsum([p.shape[-1] for p in probs])[:-1]
@@ -167,10 +223,12 @@ def expected_targets(
     valid: jax.Array | None = None,
     num_samples: int = 100,
     key: jax.Array | None = None,
+    cost_weights: Sequence | None = None,
 ) -> list[jax.Array]:
     """Expected transported targets ``q`` (per attribute ``[N, K_a]``) for one prompt group; see module docs."""
     probs, targets, valid = _check_inputs(probs, target, valid)
-    if len(probs) == 1 and probs[0].shape[-1] == 2:
+    weights = check_cost_weights(cost_weights, probs)
+    if len(probs) == 1 and probs[0].shape[-1] == 2:  # exact for any positive cost weights (module docs)
         return [binary_expected_targets(probs[0], targets[0], valid)]
     if key is None:
         raise FairdiffError(
@@ -179,7 +237,7 @@ def expected_targets(
     if num_samples < 1:
         raise FairdiffError(f"num_samples must be a positive number of target label sets, got {num_samples}.")
     labels = sample_target_labels(key, targets, num_samples, probs[0].shape[0])
-    return transport_expectation(probs, labels, valid)
+    return transport_expectation(probs, labels, valid, weights)
 
 
 @jax.jit
@@ -204,6 +262,7 @@ def dynamic_targets(
     num_samples: int = 100,
     confidence: float = 0.8,
     key: jax.Array | None = None,
+    cost_weights: Sequence | None = None,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
     """Target labels and confidences for one prompt group (DESIGN §3 contract).
 
@@ -214,11 +273,12 @@ def dynamic_targets(
       num_samples: S, sampled label sets (not used for one binary attribute, which is exact).
       confidence: C, labels whose ``max q`` is below it become −1.
       key: PRNG key, needed only when sampling is used.
+      cost_weights: per attribute ``None`` or ``[K_a, K_a]`` transport-cost weights (module docs).
 
     Returns: (labels, conf): per attribute ``[N]`` int32 labels (−1 = no target) and ``[N]`` float confidences.
     """
     _, _, valid_mask = _check_inputs(probs, target, valid)
-    q = expected_targets(probs, target, valid=valid, num_samples=num_samples, key=key)
+    q = expected_targets(probs, target, valid=valid, num_samples=num_samples, key=key, cost_weights=cost_weights)
     return labels_from_expectation(q, valid_mask, confidence)
 
 
@@ -230,6 +290,7 @@ def dynamic_targets_grouped(
     num_samples: int = 100,
     confidence: float = 0.8,
     key: jax.Array | None = None,
+    cost_weights: Sequence | None = None,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
     """:func:`dynamic_targets` for G prompt groups at once: probs ``[G, N, K_a]``, valid ``[G, N]`` -> ``[G, N]``."""
     probs, targets, valid = _check_inputs(probs, target, valid)
@@ -239,10 +300,17 @@ def dynamic_targets_grouped(
             f"dynamic_targets_grouped needs [G, N, K] probabilities with one G, got {[p.shape for p in probs]}."
         )
     keys = None if key is None else jax.random.split(key, groups)
+    weights = check_cost_weights(cost_weights, [p[0] for p in probs])
 
     def one_group(group_probs, group_valid, group_key):
         return dynamic_targets(
-            group_probs, targets, valid=group_valid, num_samples=num_samples, confidence=confidence, key=group_key
+            group_probs,
+            targets,
+            valid=group_valid,
+            num_samples=num_samples,
+            confidence=confidence,
+            key=group_key,
+            cost_weights=weights,
         )
 
     if keys is None:

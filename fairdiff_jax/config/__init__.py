@@ -21,7 +21,6 @@ from fairdiff_jax.config.schema import (
     parse_config_arg,
 )
 from fairdiff_jax.config.validate import (
-    refuse_unsupported_evaluation,
     refuse_unsupported_training,
     validate_config,
     validate_target,
@@ -41,7 +40,6 @@ __all__ = [
     "parse_config_arg",
     "parse_value",
     "plain_config",
-    "refuse_unsupported_evaluation",
     "refuse_unsupported_training",
     "split_overrides",
     "validate_config",

@@ -33,12 +33,15 @@ def attribute(
     eval_classifier: str = "",
     facial: bool = True,
     classes: Sequence[str] | None = None,
+    cost_weights: Sequence[Sequence[float]] = (),
 ) -> ConfigDict:
     """One ``attributes.<name>`` entry; ``target`` defaults to uniform over the classes.
 
     ``factor2`` (the face-box damping of L_img's gradient) defaults to 1 = no damping, what the train step does
     until the face terms are wired; the paper configs carry the paper's values and are refused at train time
-    until then (``config.refuse_unsupported``).
+    until then (``config.refuse_unsupported``). ``cost_weights`` (``[K][K]``, row: target label, column: class;
+    empty = unweighted) scale the transport cost's probability differences, e.g. the authors' age weighting
+    ``((1, 1), (2, 1))`` (``alignment.targets.old_label_young_weight``).
     """
     classes = tuple(classes if classes is not None else CLASSES[name])
     target = tuple(float(t) for t in target) if target is not None else tuple(1.0 / len(classes) for _ in classes)
@@ -51,6 +54,7 @@ def attribute(
             "classifier": classifier,
             "eval_classifier": eval_classifier,
             "facial": bool(facial),
+            "cost_weights": tuple(tuple(float(w) for w in row) for row in cost_weights),
         }
     )
 
@@ -97,7 +101,11 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict(
         {"world": DEFAULT_WORLD, "path": "models/stable-diffusion-v1-5", "dtype": "bfloat16", "variant": ""}
     )
-    c.adaptor = ConfigDict({"kind": "text_lora", "rank": 50, "alpha": 50.0, "num_tokens": 5, "ema_decay": 0.996})
+    # ema_warmup: the EMA decay ramps as min(ema_decay, (1+s)/(10+s)) over its updates s, as diffusers' EMAModel
+    # (what the paper's authors use) does; False = ema_decay from the first update
+    c.adaptor = ConfigDict(
+        {"kind": "text_lora", "rank": 50, "alpha": 50.0, "num_tokens": 5, "ema_decay": 0.996, "ema_warmup": True}
+    )
     # OFT (adaptor.kind=unet_oft): fairdiff_jax.adaptors.oft.OFTSettings, PEFT's defaults but the exact Cayley map
     c.adaptor.oft = ConfigDict(
         {
@@ -119,6 +127,12 @@ def base_config() -> ConfigDict:
             "gradient_mode": "adjusted",
             "remat_policy": "full",
             "unroll": 1,  # sampling steps per lax.scan iteration; >= the step count unrolls fully (faster, more memory)
+            # "" = the model's scheduler_config.json, or diffusers' default of the solver when it names none
+            # (SD 1.5: DPM-Solver++ "linspace"); "leading" / "linspace" / "trailing" override it
+            "timestep_spacing": "",
+            # DPM-Solver++'s last step: "sigma_min" = second order to t = 0 (diffusers 0.19.3, the authors' pin, and
+            # Flax); "zero" = first order to sigma 0 (PyTorch diffusers >= 0.26's default)
+            "final_sigmas_type": "sigma_min",
         }
     )
     c.attributes = ConfigDict()
@@ -137,8 +151,11 @@ def base_config() -> ConfigDict:
             "face_reference_path": "",
         }
     )
-    # prompt sources (see prompts.py); empty = the world's own prompt splits
-    c.data = ConfigDict({"prompts": ("occupations",), "template": ""})
+    # prompt sources (see prompts.py); empty = the world's own prompt splits. prompt_padding: "max_length" pads
+    # every prompt to the text encoder's length (77 for SD, as diffusers' pipelines do); "prompt" pads to the
+    # prompt's own length with an attention mask, and "" to that length, as the paper's authors do (one compile
+    # per distinct length; exact for one prompt per step, longer prompts of a step set the length otherwise)
+    c.data = ConfigDict({"prompts": ("occupations",), "template": "", "prompt_padding": "max_length"})
     c.train = ConfigDict(
         {
             "images_per_prompt": 24,

@@ -47,6 +47,7 @@ def validate_target(name: str, target: Sequence[float], classes: Sequence[str]) 
 
 def _check_choices(cfg: ConfigDict) -> None:
     from fairdiff_jax import optim, parallel, sampling, schedules
+    from fairdiff_jax.adaptors.soft_tokens import PROMPT_PADDINGS
     from fairdiff_jax.adaptors.spec import ADAPTOR_KINDS
     from fairdiff_jax.attributes.detectors import BACKENDS
     from fairdiff_jax.models.loader import DTYPES
@@ -56,6 +57,9 @@ def _check_choices(cfg: ConfigDict) -> None:
     _choice(cfg, "sampler.solver", schedules.SOLVERS)
     _choice(cfg, "sampler.gradient_mode", sampling.GRADIENT_MODES)
     _choice(cfg, "sampler.remat_policy", sampling.REMAT_POLICIES)
+    _choice(cfg, "sampler.timestep_spacing", ("", *schedules.TIMESTEP_SPACINGS))
+    _choice(cfg, "sampler.final_sigmas_type", schedules.FINAL_SIGMAS_TYPES)
+    _choice(cfg, "data.prompt_padding", PROMPT_PADDINGS)
     _choice(cfg, "parallel.mode", parallel.MODES)
     _choice(cfg, "train.lr_schedule", optim.LR_SCHEDULES)
     _choice(cfg, "faces.detector", ("none", *BACKENDS))
@@ -99,6 +103,19 @@ def _check_ranges(cfg: ConfigDict) -> None:
         OFTSettings(**cfg.adaptor.oft.to_dict())  # one-line errors for a bad block layout or COFT radius
 
 
+def _check_cost_weights(name: str, spec: ConfigDict) -> None:
+    """``attributes.<name>.cost_weights``: empty, or K rows of K positive finite numbers."""
+    weights = tuple(tuple(row) for row in spec.cost_weights)
+    k = len(spec.classes)
+    if weights and (
+        len(weights) != k or any(len(row) != k or any(not math.isfinite(w) or w <= 0 for w in row) for row in weights)
+    ):
+        raise FairdiffError(
+            f"attributes.{name}.cost_weights={weights} must be empty or {k} rows of {k} positive numbers (row: target "
+            f"label, column: class), e.g. ((1, 1), (2, 1)) for the authors' age weighting"
+        )
+
+
 def validate_config(cfg: ConfigDict) -> None:
     """Raise ``FairdiffError`` with one line for the first bad value."""
     from fairdiff_jax.prompts import resolve_prompt_source
@@ -118,6 +135,7 @@ def validate_config(cfg: ConfigDict) -> None:
         for factor in ("factor1", "factor2"):
             if not 0.0 <= spec[factor] <= 1.0:
                 raise FairdiffError(f"attributes.{name}.{factor}={spec[factor]} must lie in [0, 1]")
+        _check_cost_weights(name, spec)
         check_path(f"attributes.{name}.classifier", spec.classifier, "classifier")
         check_path(f"attributes.{name}.eval_classifier", spec.eval_classifier, "classifier")
     for key in ("clip_path", "dino_path", "face_embedder_path", "face_reference_path"):
@@ -146,17 +164,6 @@ def refuse_unsupported_training(cfg: ConfigDict) -> None:
         raise FairdiffError(
             f"{', '.join(f'{k}={_get(cfg, k)!r}' for k in set_keys)}: the face-realism loss and the face-box damping "
             f"are not supported yet; train without them with {fixes}"
-        )
-
-
-def refuse_unsupported_evaluation(cfg: ConfigDict) -> None:
-    """Refuse a separate evaluation classifier until evaluation scores with it (one line)."""
-    named = [n for n in sorted(cfg.attributes) if cfg.attributes[n].eval_classifier]
-    if named:
-        raise FairdiffError(
-            f"attributes.{named[0]}.eval_classifier is set, but scoring with a separate evaluation classifier is not "
-            f"supported yet; unset it (--config.attributes.{named[0]}.eval_classifier='') to score with the "
-            "training classifier"
         )
 
 

@@ -52,7 +52,8 @@ class SchedulerSettings:
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
     steps_offset: int = 1
-    timestep_spacing: str = "leading"
+    # None when the config names none: each solver then follows diffusers' default (schedules.DEFAULT_SPACING)
+    timestep_spacing: str | None = None
 
     @classmethod
     def from_dict(cls, config: dict) -> SchedulerSettings:

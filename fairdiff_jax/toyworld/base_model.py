@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from fairdiff_jax.models import loader
 from fairdiff_jax.models.tiny import MODEL_INDEX, SD15_SCHEDULER, TINY_TEXT_ENCODER, write_component
 from fairdiff_jax.models.tokenizer_files import write_tokenizer_folder
+from fairdiff_jax.sampling import sample_latents
+from fairdiff_jax.schedules import make_schedule
 from fairdiff_jax.toyworld import world
 
 UNET_CONFIG = {
@@ -206,48 +208,45 @@ def write_base_model(folder: str, unet_config: Mapping, text_config: Mapping, pa
     return folder
 
 
-def _dpm_solver(num_train_timesteps: int = 1000):
-    from diffusers import FlaxDPMSolverMultistepScheduler
-
-    keys = ("beta_start", "beta_end", "beta_schedule", "prediction_type")
-    with quiet_diffusers():
-        return FlaxDPMSolverMultistepScheduler(
-            num_train_timesteps=num_train_timesteps,
-            **{k: SD15_SCHEDULER[k] for k in keys},
-            algorithm_type="dpmsolver++",
-            solver_order=2,
-            timestep_spacing="linspace",
-        )
-
-
-def make_sampler(unet, text_encoder, *, num_steps: int = 25, guidance_scale: float = 3.0) -> Callable:
+def make_sampler(
+    unet,
+    text_encoder,
+    *,
+    num_steps: int = 25,
+    guidance_scale: float = 3.0,
+    scheduler_config: Mapping = SD15_SCHEDULER,
+) -> Callable:
     """A jitted no-grad sampler ``(params, cond_ids [B,L], uncond_ids [B,L], key) -> images [B,8,8,3]``.
 
-    DPM-Solver++ (2M) with classifier-free guidance, pixels clipped to [-1, 1]. Private to the toy world's
-    measurements; the project's differentiable sampler lives in ``fairdiff_jax.sampling``.
+    DPM-Solver++ (2M) with classifier-free guidance, pixels clipped to [-1, 1]: the project's one sampler
+    (:func:`fairdiff_jax.sampling.sample_latents`) on the schedule of ``scheduler_config`` (the world's own
+    ``scheduler_config.json``), so the builder measures the base model with the timesteps training uses.
     """
-    scheduler = _dpm_solver()
+    schedule = make_schedule(scheduler_config)
     channels = unet.out_channels
     size = unet.sample_size
 
+    def unet_fn(unet_params, latents, timesteps, context):
+        return unet.apply({"params": unet_params}, latents, timesteps, context).sample
+
     def sample(params, cond_ids, uncond_ids, key):
         batch = cond_ids.shape[0]
-        ids = jnp.concatenate([uncond_ids, cond_ids], axis=0)
-        context = text_encoder(ids, params=params["text_encoder"]).last_hidden_state
-        shape = (batch, channels, size, size)
-        state = scheduler.set_timesteps(scheduler.create_state(), num_steps, shape)
-        latents = jax.random.normal(key, shape) * state.init_noise_sigma
-
-        def body(i, carry):
-            latents, state = carry
-            t = state.timesteps[i]
-            both = jnp.concatenate([latents, latents], axis=0)
-            eps = unet.apply({"params": params["unet"]}, both, jnp.full((2 * batch,), t, jnp.int32), context).sample
-            eps_uncond, eps_cond = jnp.split(eps, 2, axis=0)
-            guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            return scheduler.step(state, guided, t, latents).to_tuple()
-
-        latents, _ = jax.lax.fori_loop(0, num_steps, body, (latents, state))
+        context = text_encoder(jnp.concatenate([uncond_ids, cond_ids], axis=0), params=params["text_encoder"])
+        uncond, cond = jnp.split(context.last_hidden_state, 2, axis=0)
+        noise = jax.random.normal(key, (batch, channels, size, size))
+        latents = sample_latents(
+            unet_fn,
+            params["unet"],
+            noise,
+            cond,
+            uncond,
+            num_steps,
+            schedule,
+            max_steps=num_steps,
+            guidance_scale=guidance_scale,
+            gradient_mode="detached",
+            remat_policy="none",
+        )
         return jnp.clip(jnp.transpose(latents, (0, 2, 3, 1)), -1.0, 1.0)
 
     return jax.jit(sample)

@@ -133,6 +133,7 @@ def base_eval_dir(cfg, world_folder: str) -> str:
         "eval": cfg.eval.to_dict(),
         "model": cfg.model.to_dict(),
         "attributes": sorted(cfg.attributes.keys()),  # the labels stored beside the images
+        "prompt_padding": cfg.data.prompt_padding,  # the prompt context the images were generated from
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return os.path.join(cache_root(), "toy_base_eval", digest.hexdigest()[:16])

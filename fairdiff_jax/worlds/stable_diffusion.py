@@ -81,7 +81,7 @@ def load_features(cfg):
     for path, loader in ((cfg.loss.clip_path, load_clip_image_encoder), (cfg.loss.dino_path, load_dinov2_encoder)):
         if path:
             encoder = loader(path)
-            fns.append(lambda p, images, encoder=encoder: encoder(p, images))
+            fns.append(encoder.apply)  # (params, images) -> [B, D]
             params.append(encoder.params)
     return fns, params
 

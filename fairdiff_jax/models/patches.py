@@ -6,6 +6,12 @@ Stable Diffusion was trained with. On random tiny weights the difference alone i
 in the noise prediction (measured in float64 on both sides). We swap the ``nn`` name that
 ``diffusers.models.attention_flax`` resolves at call time for a view of ``flax.linen`` whose ``gelu`` is
 exact; every other attribute is flax.linen's own.
+
+Two speed patches keep the numbers and change how they are computed:
+- convolutions of the U-Net and the VAE go through ``models.conv.backend_conv_general_dilated``
+  (canonical-layout gradients on CPU, the stock convolution elsewhere), via the same ``nn`` views;
+- the U-Net's and VAE's attention and the CLIP towers' attention go through ``models.attention`` (subclasses
+  with the original parameters, swapped in for the class names diffusers / transformers resolve at setup).
 """
 
 from __future__ import annotations
@@ -17,12 +23,20 @@ import types
 import flax.linen
 import jax
 
+from fairdiff_jax.models.conv import backend_conv_general_dilated
 
-class _LinenWithExactGelu(types.ModuleType):
-    gelu = staticmethod(functools.partial(jax.nn.gelu, approximate=False))
+
+class _LinenWithFastConv(types.ModuleType):
+    """``flax.linen`` whose ``Conv`` routes through the backend-chosen convolution (same fields and parameters)."""
+
+    Conv = staticmethod(functools.partial(flax.linen.Conv, conv_general_dilated=backend_conv_general_dilated))
 
     def __getattr__(self, name):
         return getattr(flax.linen, name)
+
+
+class _LinenWithExactGelu(_LinenWithFastConv):
+    gelu = staticmethod(functools.partial(jax.nn.gelu, approximate=False))
 
 
 class _DropPinnedFlaxDeprecation(logging.Filter):
@@ -36,8 +50,10 @@ class _DropPinnedFlaxDeprecation(logging.Filter):
 
 def apply_patches() -> None:
     """Idempotently install the fixes (called when ``fairdiff_jax.models`` is imported)."""
-    from diffusers.models import attention_flax
+    from diffusers.models import attention_flax, resnet_flax, vae_flax
+    from diffusers.models.unets import unet_2d_condition_flax
     from diffusers.utils import logging as diffusers_logging
+    from transformers.models.clip import modeling_flax_clip
     from transformers.utils import logging as transformers_logging
 
     for library_logging in (diffusers_logging, transformers_logging):
@@ -47,3 +63,12 @@ def apply_patches() -> None:
 
     if not isinstance(attention_flax.nn, _LinenWithExactGelu):
         attention_flax.nn = _LinenWithExactGelu("flax.linen")
+    for module in (resnet_flax, vae_flax, unet_2d_condition_flax):
+        if not isinstance(module.nn, _LinenWithFastConv):
+            module.nn = _LinenWithFastConv("flax.linen")
+
+    from fairdiff_jax.models import attention
+
+    attention_flax.FlaxAttention = attention.FusedFlaxAttention
+    vae_flax.FlaxAttentionBlock = attention.FusedVAEAttentionBlock
+    modeling_flax_clip.FlaxCLIPAttention = attention.FusedCLIPAttention

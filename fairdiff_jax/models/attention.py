@@ -1,0 +1,190 @@
+"""Attention through ``jax.nn.dot_product_attention`` for the diffusers U-Net / VAE and the CLIP towers.
+
+diffusers' Flax attention builds the full ``[B*heads, T, S]`` score tensor (at SD-1.5 size 1 GiB in float32
+for each 64x64 self-attention layer, kept for the backward). :func:`attend` computes the same attention as
+``jax.nn.dot_product_attention`` with one of these implementations:
+
+  ``auto``     cuDNN flash attention on a GPU where it applies (bfloat16 / float16, head dim a multiple of 8),
+               otherwise ``chunked`` for long queries and ``xla`` for short ones;
+  ``xla``      ``jax.nn.dot_product_attention``'s XLA path (scores materialised, softmax in float32);
+  ``cudnn``    cuDNN flash attention (GPU only; raises where cuDNN cannot run it);
+  ``chunked``  the XLA path over query chunks of ``query_chunk`` rows, each rematerialised, so the backward
+               holds one chunk's scores (the CPU/TPU fallback for memory);
+  ``stock``    the modules' own code, unchanged.
+
+The module classes below subclass the originals (same parameters and names) and are swapped in by
+``fairdiff_jax.models.patches``; the choice is read when a function is traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from diffusers.models import attention_flax, vae_flax
+from transformers.models.clip import modeling_flax_clip
+
+from fairdiff_jax.errors import FairdiffError
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "FusedCLIPAttention",
+    "FusedFlaxAttention",
+    "FusedVAEAttentionBlock",
+    "attend",
+    "attention_implementation",
+]
+
+log = logging.getLogger(__name__)
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "stock")
+_settings = {"implementation": "auto", "query_chunk": 1024}
+
+
+def _check_implementation(implementation: str) -> None:
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise FairdiffError(
+            f"unknown attention implementation '{implementation}'; choose one of {list(ATTENTION_IMPLEMENTATIONS)} "
+            "('auto' uses cuDNN flash attention on GPUs and query chunking for long sequences elsewhere)."
+        )
+
+
+@contextlib.contextmanager
+def attention_implementation(implementation: str, query_chunk: int | None = None) -> Iterator[None]:
+    """Within the block, trace the patched attention modules with ``implementation`` (and ``query_chunk`` rows)."""
+    _check_implementation(implementation)
+    if query_chunk is not None and int(query_chunk) < 1:
+        raise FairdiffError(f"attention query_chunk must be >= 1 (got {query_chunk}).")
+    previous = dict(_settings)
+    _settings["implementation"] = implementation
+    if query_chunk is not None:
+        _settings["query_chunk"] = int(query_chunk)
+    try:
+        yield
+    finally:
+        _settings.update(previous)
+
+
+def _chunked(query, key, value, mask, is_causal: bool, scale: float, chunk: int) -> jax.Array:
+    """XLA attention over ``ceil(T / chunk)`` query chunks in a ``lax.map``, each chunk rematerialised."""
+    batch, length, heads, dim = query.shape
+    count = math.ceil(length / chunk)
+    if count == 1 or length % count:
+        return jax.nn.dot_product_attention(
+            query, key, value, mask=mask, is_causal=is_causal, scale=scale, implementation="xla"
+        )
+    rows = length // count
+    if is_causal:  # causality as an explicit mask, since each chunk sits at its own query offset
+        causal = jnp.arange(length)[:, None] >= jnp.arange(key.shape[1])[None, :]
+        mask = causal[None, None] if mask is None else jnp.logical_and(mask, causal[None, None])
+    queries = jnp.moveaxis(query.reshape(batch, count, rows, heads, dim), 1, 0)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], length, key.shape[1]))
+        masks = jnp.moveaxis(mask.reshape(*mask.shape[:2], count, rows, key.shape[1]), 2, 0)
+    else:
+        masks = None
+
+    @jax.checkpoint
+    def one_chunk(q_and_mask):
+        q, m = q_and_mask
+        return jax.nn.dot_product_attention(q, key, value, mask=m, scale=scale, implementation="xla")
+
+    out = jax.lax.map(one_chunk, (queries, masks))  # [count, B, rows, N, H]
+    return jnp.moveaxis(out, 0, 1).reshape(batch, length, heads, value.shape[-1])
+
+
+def attend(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Softmax attention ``[B,T,N,H] x [B,S,N,H] -> [B,T,N,H]`` (``mask`` bool, broadcastable to ``[B,N,T,S]``).
+
+    ``implementation`` defaults to the current setting (see the module docstring).
+    """
+    implementation = implementation or _settings["implementation"]
+    _check_implementation(implementation)
+    dtype = jnp.result_type(query, key, value)  # an fp32 adaptor branch on some projections promotes, as einsum would
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+    scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
+    if implementation in ("auto", "cudnn"):
+        cudnn_possible = jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
+        if cudnn_possible or implementation == "cudnn":
+            try:
+                return jax.nn.dot_product_attention(
+                    query, key, value, mask=mask, is_causal=is_causal, scale=scale, implementation="cudnn"
+                )
+            except (NotImplementedError, ValueError, RuntimeError) as err:
+                if implementation == "cudnn":
+                    raise FairdiffError(
+                        f"cuDNN attention cannot run {tuple(query.shape)} x {tuple(key.shape)} {query.dtype} here "
+                        f"({err}); use attention implementation 'auto' or 'chunked'."
+                    ) from err
+                log.debug("cuDNN attention unavailable for %s: %s", query.shape, err)
+        implementation = "chunked"
+    if implementation == "chunked":
+        return _chunked(query, key, value, mask, is_causal, scale, _settings["query_chunk"])
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=mask, is_causal=is_causal, scale=scale, implementation="xla"
+    )
+
+
+def _stock() -> bool:
+    return _settings["implementation"] == "stock"
+
+
+class FusedFlaxAttention(attention_flax.FlaxAttention):
+    """diffusers' U-Net ``FlaxAttention`` (self- and cross-attention) with its core computed by :func:`attend`."""
+
+    def __call__(self, hidden_states, context=None, deterministic=True):
+        if _stock():
+            return super().__call__(hidden_states, context, deterministic)
+        context = hidden_states if context is None else context
+        batch = hidden_states.shape[0]
+        heads = (batch, -1, self.heads, self.dim_head)
+        query = self.query(hidden_states).reshape(heads)
+        key = self.key(context).reshape(heads)
+        value = self.value(context).reshape(heads)
+        out = attend(query, key, value, scale=self.scale).reshape(batch, -1, self.heads * self.dim_head)
+        return self.dropout_layer(self.proj_attn(out), deterministic=deterministic)
+
+
+class FusedVAEAttentionBlock(vae_flax.FlaxAttentionBlock):
+    """diffusers' VAE mid-block attention with its core computed by :func:`attend`."""
+
+    def __call__(self, hidden_states):
+        if _stock():
+            return super().__call__(hidden_states)
+        residual = hidden_states
+        batch, height, width, channels = hidden_states.shape
+        tokens = self.group_norm(hidden_states).reshape(batch, height * width, channels)
+        heads = (batch, height * width, self.num_heads, channels // self.num_heads)
+        query, key, value = (proj(tokens).reshape(heads) for proj in (self.query, self.key, self.value))
+        out = attend(query, key, value).reshape(batch, height * width, channels)
+        return self.proj_attn(out).reshape(batch, height, width, channels) + residual
+
+
+class FusedCLIPAttention(modeling_flax_clip.FlaxCLIPAttention):
+    """transformers' ``FlaxCLIPAttention`` (causal in the text tower) with its core computed by :func:`attend`.
+
+    Returning attention weights or attention dropout keep the original code.
+    """
+
+    def __call__(self, hidden_states, attention_mask=None, deterministic: bool = True, output_attentions=False):
+        if _stock() or output_attentions or (not deterministic and self.dropout > 0.0):
+            return super().__call__(hidden_states, attention_mask, deterministic, output_attentions)
+        split = hidden_states.shape[:2] + (self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).reshape(split)
+        key = self.k_proj(hidden_states).reshape(split)
+        value = self.v_proj(hidden_states).reshape(split)
+        mask = None if attention_mask is None else (attention_mask > 0)[:, None, None, :]
+        out = attend(query, key, value, mask=mask, is_causal=self.causal, scale=self.scale)
+        return (self.out_proj(out.reshape(hidden_states.shape[:2] + (self.embed_dim,))),)

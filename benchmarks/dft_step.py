@@ -6,7 +6,11 @@ classifier-free guidance from the same noise and embeddings, decode with the VAE
 adjusted gradient (U-Net input detached; the guided eps's gradient multiplied by the normalised c_i;
 every step checkpointed). Prints the median times, their ratio and the gradients' relative error.
 
+The JAX variants (``--conv``: the convolution-gradient modes of ``fairdiff_jax.models.conv``) and PyTorch
+are timed in turn, one repeat of each per round, so a drifting machine load affects them alike.
+
     python benchmarks/dft_step.py [--model DIR] [--batch 8] [--steps 10] [--repeats 5] [--unroll]
+        [--conv canonical stock] [--attention auto] [--threads 1]
 """
 
 from __future__ import annotations
@@ -88,8 +92,21 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--unroll", action="store_true", help="fully unroll the JAX scan (faster on CPU)")
+    parser.add_argument("--unroll", action="store_true", help="fully unroll the JAX scan")
+    parser.add_argument(
+        "--conv", nargs="+", default=["auto"], help="JAX convolution-gradient modes to time (auto, canonical, stock)"
+    )
+    parser.add_argument("--attention", default="auto", help="JAX attention implementation (auto, xla, chunked, stock)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="1: both sides single-threaded (steadier on a shared machine)"
+    )
     args = parser.parse_args(argv)
+    if args.threads == 1:  # before JAX starts its CPU client
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
+    elif args.threads:
+        parser.error("--threads takes 1 (single-threaded) or 0 (each library's default)")
 
     import jax
     import jax.numpy as jnp
@@ -98,6 +115,8 @@ def main(argv=None) -> int:
 
     from fairdiff_jax import sampling
     from fairdiff_jax.models import load_stable_diffusion, write_tiny_sd_folder
+    from fairdiff_jax.models.attention import attention_implementation
+    from fairdiff_jax.models.conv import canonical_conv_gradients
     from fairdiff_jax.models.convert import flax_to_pt_state_dict
 
     folder = args.model or write_tiny_sd_folder(tempfile.mkdtemp(prefix="tiny_sd_"), seed=0)
@@ -105,6 +124,8 @@ def main(argv=None) -> int:
     unet_pt = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).float()
     vae_pt = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).float()
     vae_pt.requires_grad_(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = unet_pt.config
     size, dim = config.sample_size, config.cross_attention_dim
     rng = np.random.default_rng(0)
@@ -135,16 +156,15 @@ def main(argv=None) -> int:
         return jnp.sum(weights * images)
 
     jax_inputs = (sd.unet_params, jnp.asarray(cond), jnp.asarray(uncond), jnp.asarray(noise), jnp.asarray(weights))
-    start = time.perf_counter()
-    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*jax_inputs).compile()
-    compile_s = time.perf_counter() - start
-    temp_mb = grad_fn.memory_analysis().temp_size_in_bytes / 2**20
-    jax_grads = jax.block_until_ready(grad_fn(*jax_inputs))  # warm-up
-    jax_times = []
-    for _ in range(args.repeats):
+    compiled = {}
+    for mode in args.conv:
         start = time.perf_counter()
-        jax_grads = jax.block_until_ready(grad_fn(*jax_inputs))
-        jax_times.append(time.perf_counter() - start)
+        with canonical_conv_gradients(mode), attention_implementation(args.attention):
+            compiled[mode] = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*jax_inputs).compile()
+        compile_s = time.perf_counter() - start
+        temp_mb = compiled[mode].memory_analysis().temp_size_in_bytes / 2**20
+        print(f"jax conv gradients '{mode}': compile {compile_s:.1f} s, temp {temp_mb:.1f} MiB", flush=True)
+        jax_grads = jax.block_until_ready(compiled[mode](*jax_inputs))  # warm-up
 
     # ---- PyTorch
     alpha_bar = sd_alphas_cumprod(sd.scheduler)
@@ -163,8 +183,15 @@ def main(argv=None) -> int:
         args.guidance,
     )
     torch_dft_gradient(*torch_args)  # warm-up
+
+    # ---- timed in turn: one repeat of every JAX variant, then of PyTorch, per round
+    jax_times = {mode: [] for mode in compiled}
     torch_times = []
     for _ in range(args.repeats):
+        for mode, grad_fn in compiled.items():
+            start = time.perf_counter()
+            jax_grads = jax.block_until_ready(grad_fn(*jax_inputs))
+            jax_times[mode].append(time.perf_counter() - start)
         start = time.perf_counter()
         cond_grad_pt, param_grads_pt = torch_dft_gradient(*torch_args)
         torch_times.append(time.perf_counter() - start)
@@ -180,20 +207,24 @@ def main(argv=None) -> int:
     cond_jax = np.asarray(jax_grads[1], np.float64)
     cond_err = float(np.linalg.norm(cond_grad_pt.double().numpy() - cond_jax) / np.linalg.norm(cond_jax))
 
-    jax_ms, torch_ms = 1e3 * statistics.median(jax_times), 1e3 * statistics.median(torch_times)
+    torch_ms = 1e3 * statistics.median(torch_times)
     print(
         f"model {folder}: batch {args.batch}, {size}x{size} latents, {args.steps} DPM-Solver++ steps, "
         f"CFG {args.guidance}"
     )
-    print(f"jax scan unroll: {'full' if args.unroll else 1}")
+    print(f"jax scan unroll: {'full' if args.unroll else 1}, attention '{args.attention}'")
     print(f"devices: jax {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}")
-    print(
-        f"jax   adjusted DFT gradient: {jax_ms:9.1f} ms (median of {args.repeats}; compile {compile_s:.1f} s, "
-        f"temp {temp_mb:.1f} MiB)"
-    )
+    for mode, times in jax_times.items():
+        jax_ms = 1e3 * statistics.median(times)
+        print(
+            f"jax   adjusted DFT gradient, conv '{mode}': {jax_ms:9.1f} ms (median of {args.repeats}); "
+            f"torch / jax {torch_ms / jax_ms:.2f}"
+        )
     print(f"torch adjusted DFT gradient: {torch_ms:9.1f} ms (median of {args.repeats})")
-    print(f"torch / jax time ratio: {torch_ms / jax_ms:.2f}")
-    print(f"gradient relative error (torch vs jax): U-Net params {param_err:.2e}, cond embedding {cond_err:.2e}")
+    print(
+        f"gradient relative error (torch vs jax '{args.conv[-1]}'): U-Net params {param_err:.2e}, "
+        f"cond embedding {cond_err:.2e}"
+    )
     return 0
 
 

@@ -41,7 +41,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "stock")
-_settings = {"implementation": "auto", "query_chunk": 1024}
+_settings = {"implementation": "auto", "query_chunk": 256}
 
 
 def _check_implementation(implementation: str) -> None:
@@ -54,7 +54,10 @@ def _check_implementation(implementation: str) -> None:
 
 @contextlib.contextmanager
 def attention_implementation(implementation: str, query_chunk: int | None = None) -> Iterator[None]:
-    """Within the block, trace the patched attention modules with ``implementation`` (and ``query_chunk`` rows)."""
+    """Within the block, trace the patched attention modules with ``implementation`` (and ``query_chunk`` rows).
+
+    Read when a function is traced; ``jax.jit`` caches traces per function object, so jit a new function inside.
+    """
     _check_implementation(implementation)
     if query_chunk is not None and int(query_chunk) < 1:
         raise FairdiffError(f"attention query_chunk must be >= 1 (got {query_chunk}).")

@@ -162,7 +162,8 @@ def backend_conv_general_dilated(*args, **kwargs) -> jax.Array:
 def canonical_conv_gradients(mode: str) -> Iterator[None]:
     """Within the block, trace patched convolutions with ``mode``: "auto" (canonical on CPU), "canonical", "stock".
 
-    The choice is made when a function is traced: a function jitted before the block keeps its compilation.
+    The choice is made when a function is traced. ``jax.jit`` caches traces per function object, so a function
+    already traced outside the block keeps its compilation: jit a new function (or closure) inside it.
     """
     global _mode
     if mode not in CONV_GRADIENT_MODES:

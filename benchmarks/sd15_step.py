@@ -5,7 +5,9 @@ One prompt, N images (24, as for gender), 21 DPM-Solver++ steps with guidance 7.
 semantic loss with CLIP ViT-H/14 and DINOv2 ViT-B/14 at 224 px (the encoders of the authors' scripts,
 sail-sg/finetune-fair-diffusion exp-1-debias-gender/1-main-debias.py). As there, the iteration generates the
 original images and the adapted images without gradient (for the dynamic targets), then the gradient
-``--microbatch`` images at a time (adjusted DFT, every step rematerialised), then AdamW. Frozen U-Net, VAE,
+``--microbatch`` images at a time (adjusted DFT, every step rematerialised), then AdamW. The gradient chunks
+replay the targets' chains (``sample_latents(replay=...)``: the U-Net runs only backward); ``--regenerate``
+generates them again, as the authors' scripts do. Frozen U-Net, VAE,
 classifier and encoders are bfloat16; the text encoder, the LoRA, guidance and the solver's latents float32.
 Face detection and the face-realism loss are left out (no face detector at random weights).
 
@@ -97,7 +99,7 @@ AUTHORS = "17.3 s/iter on 8 A100s (48 h for 10k iterations)"
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0}
 
 
-def build(sizes: dict, num_steps: int, images: int, microbatch: int, guidance: float = 7.5):
+def build(sizes: dict, num_steps: int, images: int, microbatch: int, replay: bool = True, guidance: float = 7.5):
     """Modules, abstract parameters and the pieces of the iteration (pure functions of explicit parameters)."""
     import jax
     import jax.numpy as jnp
@@ -145,12 +147,14 @@ def build(sizes: dict, num_steps: int, images: int, microbatch: int, guidance: f
     def embed(text_params, ids):
         return text(ids, params=text_params).last_hidden_state
 
-    def generate(params, unet_params, cond, uncond, noise, mode, steps=num_steps):
+    def generate(params, unet_params, cond, uncond, noise, mode, **chain):
         latents = sampling.sample_latents(
-            unet_fn, unet_params, noise, cond, uncond, steps, schedule, max_steps=steps,
-            guidance_scale=guidance, gradient_mode=mode,
+            unet_fn, unet_params, noise, cond, uncond, num_steps, schedule, max_steps=num_steps,
+            guidance_scale=guidance, gradient_mode=mode, **chain,
         )  # fmt: skip
-        return sampling.decode_latents(vae, params["vae"], latents, LATENT_SCALE)
+        latents, trajectory = latents if chain.get("record") else (latents, None)
+        images = sampling.decode_latents(vae, params["vae"], latents, LATENT_SCALE)
+        return (images, trajectory) if chain.get("record") else images
 
     def classify(params, images):
         small = jax.image.resize(images, (images.shape[0], side, side, 3), "linear")
@@ -164,11 +168,13 @@ def build(sizes: dict, num_steps: int, images: int, microbatch: int, guidance: f
             lambda x: dino.apply({"params": params["dino"]}, dino_input(x)),
         ]
 
-    def chunk_loss(lora_params, params, cond_ids, uncond_ids, noise, x_ori, labels, weights):
-        """Loss of ``noise.shape[0]`` images (their share of the N-image loss) through the adjusted DFT."""
+    def chunk_loss(lora_params, params, cond_ids, uncond_ids, noise, x_ori, labels, weights, trajectory=None):
+        """Loss of ``noise.shape[0]`` images (their share of the N-image loss) through the adjusted DFT
+        (replaying the targets' pass when ``trajectory`` is given)."""
         text_params = adaptors.apply_lora(params["text"], lora_params, scale=lora_scale)
         cond = jnp.broadcast_to(embed(text_params, cond_ids), (noise.shape[0], *context_shape))
-        chunk = generate(params, params["unet"], cond, embed(text_params, uncond_ids), noise, "adjusted")
+        uncond = embed(text_params, uncond_ids)
+        chunk = generate(params, params["unet"], cond, uncond, noise, "adjusted", replay=trajectory)
         ce = alignment.alignment_cross_entropy(classify(params["classifier"], chunk), labels, images)
         _, per_image = alignment.semantic_loss(chunk, x_ori, extractors(params))
         return ce + LAMBDA_IMG * jnp.sum(weights * per_image) / images
@@ -181,7 +187,10 @@ def build(sizes: dict, num_steps: int, images: int, microbatch: int, guidance: f
         tile = (noise.shape[0], *context_shape)
         x_ori = generate(params, params["unet"], jnp.broadcast_to(base_cond, tile), base_uncond, noise, "detached")
         ori_pred = jnp.argmax(classify(params["classifier"], x_ori), -1)
-        adapted = generate(params, params["unet"], jnp.broadcast_to(cond, tile), uncond, noise, "detached")
+        adapted, trajectory = generate(
+            params, params["unet"], jnp.broadcast_to(cond, tile), uncond, noise, "detached", record=True
+        )
+        trajectory = jax.lax.stop_gradient(trajectory) if replay else None
         probs = jax.nn.softmax(classify(params["classifier"], jax.lax.stop_gradient(adapted)), -1)
         (labels,), _ = alignment.dynamic_targets([probs], [np.array([0.5, 0.5])])
         weights = alignment.semantic_weights({"gender": labels}, {"gender": ori_pred}, FACTOR1)
@@ -195,6 +204,7 @@ def build(sizes: dict, num_steps: int, images: int, microbatch: int, guidance: f
 
         zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, lora_params))
         rows = tuple(chunks(x) for x in (noise, jax.lax.stop_gradient(x_ori), labels, weights))
+        rows = (*rows, jax.tree.map(chunks, trajectory))
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, rows)
         return loss, grads
 
@@ -226,7 +236,7 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def count_flops(frozen, pieces, shapes, images: int, steps: int) -> dict:
+def count_flops(frozen, pieces, shapes, images: int, steps: int, replay: bool = True) -> dict:
     """FLOPs per image (XLA cost analysis of single pieces; loops are counted once, so nothing is scanned)."""
     import jax
     import jax.numpy as jnp
@@ -252,9 +262,10 @@ def count_flops(frozen, pieces, shapes, images: int, steps: int) -> dict:
         }
     flops = {name: _flops(program.compile()) for name, program in lowered.items()}
     chain = steps * flops["unet_step"]
+    gradient_chain = steps * flops["unet_step_backward"] + (0 if replay else chain)  # replay: no forward U-Net
     per_image = {
         "original + targets (no gradient)": 2 * (chain + flops["tail_forward"]),
-        "gradient pass": chain + steps * flops["unet_step_backward"] + flops["tail_forward"] + flops["tail_gradient"],
+        "gradient pass": gradient_chain + flops["tail_forward"] + flops["tail_gradient"],
     }
     return {"pieces": flops, "per_image": per_image, "iteration": images * sum(per_image.values())}
 
@@ -264,12 +275,13 @@ def abstract(args) -> int:
 
     from fairdiff_jax.models.attention import attention_implementation
     from fairdiff_jax.models.conv import canonical_conv_gradients
+    from fairdiff_jax.sampling import Trajectory
 
     sizes = SIZES[args.size]
     with canonical_conv_gradients("stock"):
         frozen, _, _, _, pieces, shapes = build(sizes, args.steps, args.images, args.microbatch)
         start = time.perf_counter()
-        counted = count_flops(frozen, pieces, shapes, args.images, args.steps)
+        counted = count_flops(frozen, pieces, shapes, args.images, args.steps, not args.regenerate)
         print(f"FLOP count compiled in {time.perf_counter() - start:.0f} s")
         per_step = counted["pieces"]
         print(f"per image per step: guided U-Net forward (batch 2) {per_step['unet_step'] / 1e12:.4g} TFLOP, its "
@@ -277,9 +289,10 @@ def abstract(args) -> int:
         for name, value in counted["per_image"].items():
             print(f"per image, {name}: {value / 1e12:.4g} TFLOP")
         total = counted["iteration"]
-        duplicate = args.images * counted["per_image"]["original + targets (no gradient)"] / 2
-        print(f"iteration ({args.images} images, {args.steps} steps): {total / 1e15:.4g} PFLOP; the targets' pass is "
-              f"{duplicate / 1e15:.4g} PFLOP ({100 * duplicate / total:.0f} %)")  # fmt: skip
+        chain = args.images * args.steps * per_step["unet_step"]
+        how = "generated again" if args.regenerate else "replayed (no forward U-Net)"
+        print(f"iteration ({args.images} images, {args.steps} steps, gradient chains {how}): {total / 1e15:.4g} PFLOP; "
+              f"one chain over all images is {chain / 1e15:.4g} PFLOP ({100 * chain / total:.0f} %)")  # fmt: skip
         for tflops in args.tflops:
             print(f"predicted at {tflops:.0f} TFLOP/s: {total / (tflops * 1e12):.3g} s/iter")
 
@@ -296,12 +309,16 @@ def abstract(args) -> int:
                 spec = jax.ShapeDtypeStruct
                 inputs = (lora_s, frozen_s, shapes_s["ids"], shapes_s["ids"], shapes_s["latents"], shapes_s["image"],
                           spec((1,), "int32"), spec((1,), "float32"))  # fmt: skip
+                if not args.regenerate:  # the recorded chain the gradient replays: [1, steps, C, h, w] twice
+                    recorded = spec((1, steps, *shapes_s["latents"].shape[1:]), "float32")
+                    inputs = (*inputs, Trajectory(recorded, recorded))
                 start = time.perf_counter()
                 with attention_implementation(implementation):
                     compiled = jax.jit(jax.grad(chunk_loss)).lower(*inputs).compile()
                 temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
                 label = "stock" if implementation == "stock" else "fused (chunked on CPU; cuDNN flash on GPU)"
-                print(f"one image's chain gradient, {steps} steps, {label} attention: temp {temp:.4g} GiB "
+                kind = "regenerated" if args.regenerate else "replayed"
+                print(f"one image's chain gradient ({kind}), {steps} steps, {label} attention: temp {temp:.4g} GiB "
                       f"(compiled in {time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
     return 0
 
@@ -312,7 +329,10 @@ def run(args) -> int:
     import numpy as np
     import optax
 
-    frozen, lora, _, iteration, pieces, shapes = build(SIZES[args.size], args.steps, args.images, args.microbatch)
+    sizes = SIZES[args.size]
+    frozen, lora, _, iteration, pieces, shapes = build(
+        sizes, args.steps, args.images, args.microbatch, not args.regenerate
+    )
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}) x{jax.device_count()}; using one", flush=True)
 
@@ -347,7 +367,7 @@ def run(args) -> int:
         updates, opt_state = optimizer.update(grads, opt_state, lora_params)
         return optax.apply_updates(lora_params, updates), opt_state, loss
 
-    vocab = SIZES[args.size]["text"]["vocab_size"]
+    vocab = sizes["text"]["vocab_size"]
     ids = jnp.asarray(np.arange(shapes["ids"].shape[1])[None] % (vocab - 2), jnp.int32)
     noise = jax.random.normal(jax.random.key(3), (args.images, *shapes["latents"].shape[1:]), jnp.float32)
     opt_state = optimizer.init(lora_params)
@@ -365,7 +385,7 @@ def run(args) -> int:
     if args.iteration_pflop:
         flops = 1e15 * args.iteration_pflop
     else:
-        flops = count_flops(frozen, pieces, shapes, args.images, args.steps)["iteration"]
+        flops = count_flops(frozen, pieces, shapes, args.images, args.steps, not args.regenerate)["iteration"]
     achieved = flops / seconds / 1e12
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device.device_kind), None)
     stats = device.memory_stats() or {}
@@ -382,6 +402,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="sd15", help="tiny: small modules, for tests")
     parser.add_argument("--images", type=int, default=24, help="images per prompt per iteration (N)")
     parser.add_argument("--steps", type=int, default=21, help="sampling steps of the iteration")
+    parser.add_argument(
+        "--regenerate", action="store_true", help="gradient chunks generate their chains again (as the authors do)"
+    )
     parser.add_argument("--microbatch", type=int, default=8, help="images per gradient chunk")
     parser.add_argument("--steps-list", type=int, nargs="+", default=[4, 8], help="step counts for the memory check")
     parser.add_argument("--tflops", type=float, nargs="+", default=[400.0], help="throughputs for the prediction")

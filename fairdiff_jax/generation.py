@@ -140,10 +140,13 @@ def generate_images(
     gradient_mode: str,
     unet_branch: LoraBranch | None = None,
     guide: sampling.Guide | None = None,
-) -> jax.Array:
+    record: bool = False,
+    replay: sampling.Trajectory | None = None,
+) -> jax.Array | tuple[jax.Array, sampling.Trajectory]:
     """Images ``[B, H, W, 3]`` in [-1, 1] from noise ``[B, C, h, w]`` and conditioning ``[B, L, D]``; with
     ``unet_branch`` the U-Net runs with that unmerged float32 LoRA branch; ``guide`` replaces classifier-free
-    guidance (a baseline's sampling-time guidance)."""
+    guidance (a baseline's sampling-time guidance); ``record`` / ``replay`` as in
+    :func:`fairdiff_jax.sampling.sample_latents` (with ``record`` the result is ``(images, trajectory)``)."""
     latents = sampling.sample_latents(
         with_branch(sampling.unet_apply_fn(pipeline.unet), unet_branch),
         unet_params,
@@ -159,10 +162,15 @@ def generate_images(
         remat_policy=sampler.remat_policy,
         unroll=sampler.unroll,
         guide=guide,
+        record=record,
+        replay=replay,
     )
+    latents, trajectory = latents if record else (latents, None)
     if pipeline.vae is None:  # pixel space: the samples are the images
-        return jnp.clip(jnp.transpose(latents, (0, 2, 3, 1)), -1.0, 1.0)
-    return sampling.decode_latents(pipeline.vae, vae_params, latents, pipeline.vae_scaling_factor)
+        images = jnp.clip(jnp.transpose(latents, (0, 2, 3, 1)), -1.0, 1.0)
+    else:
+        images = sampling.decode_latents(pipeline.vae, vae_params, latents, pipeline.vae_scaling_factor)
+    return (images, trajectory) if record else images
 
 
 def make_generator(

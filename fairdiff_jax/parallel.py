@@ -36,9 +36,11 @@ def make_mesh(devices: list | None = None) -> Mesh:
 
 
 def _put_global(x, sharding: NamedSharding):
-    """Place one array; with several processes, ``x`` is this process's slice of the global array."""
+    """Place one global array; with several processes every process passes the same whole ``x`` (the batch is a
+    pure function of seed and step) and keeps the rows of its own devices."""
     if jax.process_count() > 1:
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
     return jax.device_put(x, sharding)
 
 

@@ -18,12 +18,19 @@ sigma 0 (``"zero"``, about 1 % different at 20 steps), available through ``make_
 Timesteps follow diffusers per solver (``schedules.DEFAULT_SPACING``) unless the model's scheduler config names a
 spacing. With bfloat16 weights the U-Net's outputs are cast to float32 before guidance, and the latents carried
 between steps keep the noise's dtype (float32), as the authors do (``noises_pred.to(float32)``).
+
+Replay (``adjusted`` / ``detached``): a chain run without gradient can ``record`` every step's U-Net input and
+guided output (:class:`Trajectory`); a gradient chain given ``replay=`` that trajectory (same noise,
+conditioning and weights) takes each step's output from it and evaluates the U-Net only in the backward pass,
+at the recorded input. As the U-Net inputs carry no gradient in these modes, this is the same gradient
+without the forward U-Net calls of the gradient pass.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +53,7 @@ from fairdiff_jax.schedules import (
 __all__ = [
     "GRADIENT_MODES",
     "Guide",
+    "Trajectory",
     "REMAT_POLICIES",
     "checkpoint_policy",
     "SOLVERS",
@@ -84,6 +92,13 @@ class Guide(Protocol):
         self, unet_fn: UNetFn, unet_params, latents, timestep, step, cond_emb, uncond_emb, guidance_scale, state
     ) -> tuple[jax.Array, Any]:
         """``(guided model output [B,C,h,w], new state)`` at 0-based step ``step``."""
+
+
+class Trajectory(NamedTuple):
+    """Every step's U-Net input latents and guided output of a chain, image-major: ``[B, max_steps, C, h, w]``."""
+
+    inputs: jax.Array
+    outputs: jax.Array
 
 
 def unet_apply_fn(unet) -> UNetFn:
@@ -144,6 +159,31 @@ def guided_output(
     return uncond_out + guidance_scale * (cond_out - uncond_out)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _replayed_output(guided: Callable, consts, unet_params, cond_emb, uncond_emb, timestep, unet_input, scale, output):
+    """The recorded ``output``, whose VJP is that of ``guided(unet_params, cond, uncond, timestep, unet_input, scale,
+    *consts)`` (the guided U-Net output, closure-converted: ``consts`` are the values it closed over, e.g. a LoRA
+    branch) at the recorded ``unet_input``; the time step, input, scale and recorded output get no gradient."""
+    return output
+
+
+def _replayed_output_fwd(guided, consts, unet_params, cond_emb, uncond_emb, timestep, unet_input, scale, output):
+    return output, (consts, unet_params, cond_emb, uncond_emb, timestep, unet_input, scale)
+
+
+def _replayed_output_bwd(guided, residuals, cotangent):
+    consts, unet_params, cond_emb, uncond_emb, timestep, unet_input, scale = residuals
+
+    def differentiable(consts, params, cond, uncond):
+        return guided(params, cond, uncond, timestep, unet_input, scale, *consts)
+
+    _, vjp = jax.vjp(differentiable, consts, unet_params, cond_emb, uncond_emb)
+    return (*vjp(cotangent), None, None, None, None)
+
+
+_replayed_output.defvjp(_replayed_output_fwd, _replayed_output_bwd)
+
+
 def _tables_for_run(schedule, num_steps, max_steps: int, solver: str, dtype) -> StepTable:
     """Per-step constants ``[max_steps]`` (jnp) for a static or traced ``num_steps``."""
     if isinstance(num_steps, int | np.integer):
@@ -181,7 +221,9 @@ def sample_latents(
     remat_policy: str = "full",
     unroll: int | bool = 1,
     guide: Guide | None = None,
-) -> jax.Array:
+    record: bool = False,
+    replay: Trajectory | None = None,
+) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Run the sampler from ``noise`` ``[B,4,h,w]`` and return the final latents ``[B,4,h,w]``.
 
     Args:
@@ -202,6 +244,8 @@ def sample_latents(
         steps), but unrolling costs compile time and, measured on CPU, loses the flat memory of per-step
         remat (benchmarks/dft_step.py: 64 -> 602 MiB temp); keep 1 unless speed on CPU matters more.
       guide: a stateful guidance rule used instead of :func:`guided_output` (its state is kept on padded steps).
+      record: also return the :class:`Trajectory` (every step's U-Net input and guided output).
+      replay: a recorded trajectory of this same chain (module docstring); ``adjusted`` / ``detached`` only.
     """
     check_solver(solver)
     _check_mode(gradient_mode)
@@ -214,19 +258,31 @@ def sample_latents(
             f"{cond_emb.shape}."
         )
     table = _tables_for_run(schedule, num_steps, max_steps, solver, noise.dtype)
+    recorded = _check_replay(replay, record, gradient_mode, guide, noise, max_steps)
+
+    def guided(params, cond, uncond, timestep, unet_input, scale):
+        scale = guidance_scale if isinstance(guidance_scale, int | float) else scale
+        return guided_output(unet_fn, params, unet_input, timestep, cond, uncond, scale)
 
     # The step closes over the parameters and embeddings: passing them as explicit arguments of the
     # checkpointed step made the backward pass about 3x slower on CPU.
-    def step(carry, inputs: tuple[StepTable, jax.Array]):
-        (latents, prev_x0, guide_state), (xs, index) = carry, inputs
+    def step(carry, inputs: tuple[StepTable, jax.Array, Trajectory | None]):
+        (latents, prev_x0, guide_state), (xs, index, step_recorded) = carry, inputs
         unet_input = latents if gradient_mode == "exact" else jax.lax.stop_gradient(latents)
-        if guide is None:
-            output = guided_output(unet_fn, unet_params, unet_input, xs.timestep, cond_emb, uncond_emb, guidance_scale)
+        scale = jnp.zeros(()) if isinstance(guidance_scale, int | float) else guidance_scale
+        if step_recorded is not None:
+            recorded_input, recorded_output = step_recorded
+            args = (unet_params, cond_emb, uncond_emb, xs.timestep, recorded_input, scale)
+            converted, consts = jax.closure_convert(guided, *args)  # unet_fn may close over traced weights
+            output = _replayed_output(converted, tuple(consts), *args, recorded_output)
+        elif guide is None:
+            output = guided(unet_params, cond_emb, uncond_emb, xs.timestep, unet_input, scale)
         else:
             output, new_state = guide(
                 unet_fn, unet_params, unet_input, xs.timestep, index, cond_emb, uncond_emb, guidance_scale, guide_state
             )
             guide_state = jax.tree.map(lambda new, old: jnp.where(xs.active, new, old), new_state, guide_state)
+        record_ys = Trajectory(unet_input, output) if record else None
         if gradient_mode == "adjusted":
             output = scale_cotangent(output, xs.grad_scale)
         x0 = (xs.x0_from_latent * latents + xs.x0_from_output * output).astype(latents.dtype)
@@ -234,15 +290,37 @@ def sample_latents(
         new_latents = xs.coef_latent * latents + xs.coef_x0 * x0 + xs.coef_prev_x0 * prev_x0 + xs.coef_eps * eps
         # padded steps (past num_steps) keep the carry exactly
         new_latents = jnp.where(xs.active, new_latents.astype(latents.dtype), latents)
-        return (new_latents, jnp.where(xs.active, x0, prev_x0), guide_state), None
+        return (new_latents, jnp.where(xs.active, x0, prev_x0), guide_state), record_ys
 
     if remat_policy != "none":
         # inside a rolled scan CSE cannot undo the remat; once unrolled, it must be prevented explicitly
         rolled = unroll is False or unroll == 1
         step = jax.checkpoint(step, policy=policy, prevent_cse=not rolled)
     start = (noise, jnp.zeros_like(noise), () if guide is None else guide.init(noise))
-    (latents, _, _), _ = jax.lax.scan(step, start, (table, jnp.arange(max_steps)), unroll=unroll)
+    (latents, _, _), ys = jax.lax.scan(step, start, (table, jnp.arange(max_steps), recorded), unroll=unroll)
+    if record:
+        return latents, Trajectory(*(jnp.moveaxis(y, 0, 1) for y in ys))
     return latents
+
+
+def _check_replay(replay: Trajectory | None, record: bool, gradient_mode: str, guide, noise, max_steps: int):
+    """The replayed trajectory step-major (``[max_steps, B, ...]``, the scan's xs), after checking it fits."""
+    if (record or replay is not None) and guide is not None:
+        raise FairdiffError("record / replay work with classifier-free guidance only; drop the guide or them.")
+    if replay is None:
+        return None
+    if record or gradient_mode == "exact":
+        raise FairdiffError(
+            "replay needs gradient_mode 'adjusted' or 'detached' (their U-Net inputs carry no gradient) and no "
+            f"record; got gradient_mode '{gradient_mode}', record={record}."
+        )
+    expected = (noise.shape[0], max_steps, *noise.shape[1:])
+    if any(tuple(x.shape) != expected for x in replay):
+        raise FairdiffError(
+            f"the replayed trajectory has shapes {[tuple(x.shape) for x in replay]}; this chain needs {expected} "
+            "(record it from the same noise with the same max_steps)."
+        )
+    return Trajectory(*(jnp.moveaxis(x, 1, 0) for x in replay))
 
 
 def decode_latents(

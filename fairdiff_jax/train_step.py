@@ -174,8 +174,11 @@ def original_images(model: StepModel, frozen: dict, batch: Batch, noise: jax.Arr
     return jax.lax.stop_gradient(images)
 
 
-def adapted_images(model: StepModel, params, frozen: dict, batch: Batch, rows_noise, rows_prompt, gradient_mode: str):
-    """Images ``[R, H, W, 3]`` of the adapted model for noise rows ``[R, C, h, w]`` and their prompt indices ``[R]``."""
+def adapted_images(
+    model: StepModel, params, frozen: dict, batch: Batch, rows_noise, rows_prompt, gradient_mode: str, **chain
+):
+    """Images ``[R, H, W, 3]`` of the adapted model for noise rows ``[R, C, h, w]`` and their prompt indices ``[R]``
+    (``chain``: ``record`` / ``replay`` of :func:`fairdiff_jax.generation.generate_images`)."""
     unet_params, te_params, branches = adapt_weights(model.spec, params, frozen["unet"], frozen["text_encoder"])
     cond = embed(model.pipeline, te_params, batch.cond_ids, branch=branches.get("text_encoder"))[rows_prompt]
     uncond = embed(model.pipeline, te_params, batch.uncond_ids, branch=branches.get("text_encoder"))
@@ -191,6 +194,7 @@ def adapted_images(model: StepModel, params, frozen: dict, batch: Batch, rows_no
         max_steps=model.sampler.max_train_steps,
         gradient_mode=gradient_mode,
         unet_branch=branches.get("unet"),
+        **chain,
     )
 
 
@@ -248,16 +252,26 @@ def one_pass_value_and_grad(model, params, frozen, batch, noise, prompt_of, x_or
 
 def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, x_ori, ori_pred, axis_name):
     """Two passes: targets from all images without gradient, then the gradient ``microbatch`` images at a time
-    (a ``lax.scan``), so the backward pass holds one chunk. Equal to the one-pass gradient."""
+    (a ``lax.scan``), so the backward pass holds one chunk. Equal to the one-pass gradient.
+
+    In the ``adjusted`` and ``detached`` modes the first pass records its chains (every step's U-Net input and
+    output, ``N x steps x 2`` latents) and the chunks replay them: their U-Net runs only in the backward pass, so
+    the chain is not generated twice. ``exact`` differentiates through the U-Net inputs and generates again.
+    """
     total_images = noise.shape[0]
     chunk = model.loss.microbatch
-    images = jax.lax.stop_gradient(adapted_images(model, params, frozen, batch, noise, prompt_of, "detached"))
+    mode = model.sampler.gradient_mode
+    replay = mode != "exact"
+    images = adapted_images(model, params, frozen, batch, noise, prompt_of, "detached", record=replay)
+    images, trajectory = jax.lax.stop_gradient(images if replay else (images, None))
     logits, valid = model.classifier(frozen["classifier"], images)
     _, labels = group_targets(model, logits, valid, batch, axis_name)
     weights = semantic_weights(model, labels, ori_pred, valid)
 
-    def chunk_loss(params, rows_noise, rows_prompt, rows_x_ori, rows_labels, rows_weights):
-        rows_images = adapted_images(model, params, frozen, batch, rows_noise, rows_prompt, model.sampler.gradient_mode)
+    def chunk_loss(params, rows_noise, rows_prompt, rows_x_ori, rows_labels, rows_weights, rows_trajectory):
+        rows_images = adapted_images(
+            model, params, frozen, batch, rows_noise, rows_prompt, mode, replay=rows_trajectory
+        )
         rows_logits, _ = model.classifier(frozen["classifier"], rows_images)
         align = sum(alignment_cross_entropy(rows_logits[k], rows_labels[k], total_images) for k in rows_labels)
         img = semantic_term(model, frozen, rows_images, rows_x_ori, rows_weights) * (chunk / total_images)
@@ -272,6 +286,7 @@ def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, 
 
     zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
     rows = (chunks(noise), chunks(prompt_of), chunks(x_ori), jax.tree.map(chunks, labels), chunks(weights))
+    rows = (*rows, jax.tree.map(chunks, trajectory))
     (loss, align, img, grads), _ = jax.lax.scan(accumulate, zeros, rows)
     aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align, "img": img}
     return loss, aux, grads

@@ -48,7 +48,7 @@ def test_sd15_abstract_memory_is_flat_in_steps_on_tiny_modules(capsys):
     ]
     assert sd15_step.main(args) == 0
     out = capsys.readouterr().out
-    temps = re.findall(r"chain gradient, (\d) steps, (\w+) .*?temp (\S+) GiB", out)
+    temps = re.findall(r"chain gradient \(replayed\), (\d) steps, (\w+) .*?temp (\S+) GiB", out)
     by_steps = {(steps, kind): float(temp) for steps, kind, temp in temps}
     assert len(by_steps) == 4, out
     for kind in ("stock", "fused"):

@@ -49,7 +49,9 @@ def get_config(arg=None):
     config.sampler.guidance_scale = 3.0
     config.sampler.train_steps = (6, 8)
     config.sampler.eval_steps = 10
-    # 8x8 pixels: unrolling the chain without remat halves the step on CPU (1.31 -> 0.65 s, 84 -> 590 MiB)
+    # 8x8 pixels: the unrolled chain without remat is still the faster demo on CPU with the canonical-gradient
+    # convolution (benchmarks/toy_step.py, 2 cores: step 0.88 s, compile 42 s, 725 MiB against 1.12 s, 15 s,
+    # 101 MiB rolled with remat; 250 steps take ~260 s against ~295 s)
     config.sampler.unroll = 8
     config.sampler.remat_policy = "none"
     for name in names:  # the toy classifiers see the whole 8x8 picture: no face crop

@@ -57,6 +57,36 @@ def test_replayed_gradient_equals_ordinary_gradient_float64(mode, solver):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_replayed_gradient_reaches_weights_the_unet_closes_over_float64():
+    """A U-Net function closing over differentiated weights (as the unmerged float32 LoRA branch does) gets the same
+    gradient for them through the replay."""
+    with jax.enable_x64(True):
+        params, noise, cond, uncond, weights = _inputs(1)
+        branch = jnp.asarray(np.random.default_rng(5).standard_normal((3, 3)) / 3)
+
+        def loss(params, branch, **kwargs):
+            def unet_fn(p, latents, timesteps, context):  # closes over ``branch``, traced by jax.grad
+                return toy_unet(p, latents, timesteps, context) + jnp.einsum("nchw,cd->ndhw", latents, branch) ** 2
+
+            final = sampling.sample_latents(
+                unet_fn, params, noise, cond, uncond, 3, SCHEDULE, max_steps=3, guidance_scale=2.0, **kwargs
+            )
+            return jnp.sum(weights * final), final
+
+        (_, final), expected = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, branch)
+        _, trajectory = sampling.sample_latents(
+            lambda p, z, t, c: toy_unet(p, z, t, c) + jnp.einsum("nchw,cd->ndhw", z, branch) ** 2,
+            params, noise, cond, uncond, 3, SCHEDULE, max_steps=3, guidance_scale=2.0, record=True,
+        )  # fmt: skip
+        (_, replayed_final), got = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            params, branch, replay=trajectory
+        )
+        np.testing.assert_allclose(replayed_final, final, rtol=1e-12)
+        assert float(jnp.max(jnp.abs(expected[1]))) > 1e-6
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_replay_skips_the_forward_unet_calls(tiny_sd):
     """Compiled FLOPs of the tiny U-Net chain's gradient drop by about one U-Net call per step with replay."""
     rng = np.random.default_rng(1)

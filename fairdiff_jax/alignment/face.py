@@ -14,7 +14,7 @@ authors back-propagate ``loss_ij.mean()`` with constant placeholders for them).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +90,27 @@ def face_realism_loss(
     goal = jnp.where(keep_original[:, None], original, nearest)
     per_image = jnp.where(used, 1.0 - (current * goal).sum(-1), 0.0)
     return per_image.sum() / embeddings.shape[0], per_image
+
+
+def face_realism(
+    embed: Callable[[jax.Array, jax.Array], jax.Array],
+    images: jax.Array,
+    original_images: jax.Array,
+    landmarks: jax.Array,
+    original_landmarks: jax.Array,
+    valid: jax.Array,
+    original_valid: jax.Array,
+    labels: Mapping[str, jax.Array],
+    original_probs: Mapping[str, jax.Array],
+    reference: jax.Array,
+    *,
+    threshold: float,
+) -> tuple[jax.Array, jax.Array]:
+    """L_face of a batch from the images themselves: ``embed(images [B, H, W, 3], landmarks [B, 5, 2]) -> [B, D]``
+    (E(face) + E(mirror), e.g. a bound :class:`~fairdiff_jax.attributes.face_embedder.FaceEmbedder`), the faces
+    detected in the current and the original images, the targets ``labels[a] [B]`` and the original classifier's
+    ``original_probs[a] [B, K]``. Returns (loss before λ_face, per-image loss ``[B]``)."""
+    original = jax.lax.stop_gradient(embed(jax.lax.stop_gradient(original_images), original_landmarks))
+    keep = keep_original_face(labels, original_probs, original_valid, threshold=threshold)
+    used = face_loss_mask(valid, labels)
+    return face_realism_loss(embed(images, landmarks), original, reference, keep, used)

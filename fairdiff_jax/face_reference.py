@@ -191,10 +191,8 @@ def _face_classifier(folders: Sequence[str], detector):
     def classify(images, detections):
         out = {}
         for classifier, variables in parts:
-            if hasattr(classifier, "faces"):
-                given = dataclasses.replace(classifier.faces, detector=lambda _: detections)
-                classifier = dataclasses.replace(classifier, faces=given)
-            out.update({k: jax.nn.softmax(v, -1) for k, v in classifier(variables, images).logits.items()})
+            logits = classifier(variables, images, detections).logits
+            out.update({k: jax.nn.softmax(v, -1) for k, v in logits.items()})
         return out
 
     return classify, classes

@@ -103,3 +103,11 @@ def test_build_reference_embeds_the_faces_of_a_folder(tmp_path):
         main(["build-reference", "--images", str(tmp_path / "nowhere"), "--classifier", "x", "--out", out])
     with pytest.raises(FairdiffError, match="--detector haar is unknown"):
         main([*args, "--detector", "haar"])
+
+
+def test_the_cli_dispatches_faces_and_errors_are_one_line(tmp_path, capsys):
+    from fairdiff_jax import cli
+
+    code = cli.main(["faces", "build-reference", "--images", str(tmp_path / "none"), "--classifier", "c", "--out", "o"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is not a folder" in err, err

@@ -9,6 +9,8 @@ intersection. It touches only the images fed to L_img's feature extractors, neve
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -38,3 +40,16 @@ def scale_face_box_gradient(
     factors = jax.lax.stop_gradient(jnp.asarray(factors, jnp.float32))
     scale = jnp.where(inside, factors[:, None, None], 1.0)
     return scale_gradient(images, scale[..., None].astype(images.dtype))
+
+
+def mismatch_factors(
+    labels: Mapping[str, jax.Array], original_pred: Mapping[str, jax.Array], factors: Mapping[str, float]
+) -> jax.Array:
+    """Per image ``[B]``: the smallest ``factors[a]`` over the attributes whose target ``labels[a] [B]`` differs from
+    the original prediction ``original_pred[a] [B]`` (a target of −1, no confident target, differs too, as in the
+    authors' hooks), 1 when every attribute matches."""
+    factor = None
+    for name, label in labels.items():
+        mine = jnp.where(label == original_pred[name], 1.0, float(factors[name]))
+        factor = mine if factor is None else jnp.minimum(factor, mine)
+    return factor

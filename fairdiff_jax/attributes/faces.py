@@ -79,10 +79,20 @@ class FacePipeline:
     def detect(self, images: jax.Array) -> FaceDetections:
         return jax.tree_util.tree_map(jax.lax.stop_gradient, self.detector(jax.lax.stop_gradient(images)))
 
-    def __call__(self, images: jax.Array, *, aligned: bool = True) -> FaceCrops:
-        """images ``[B, H, W, 3]`` in [-1, 1] -> FaceCrops; gradients reach the pixels through both crops."""
-        detections = self.detect(images)
-        crops = crop_and_resize(images, expand_square_boxes(detections.boxes, self.expand), self.crop_size)
+    def face_boxes(self, detections: FaceDetections) -> jax.Array:
+        """The square boxes ``[B, 4]`` the crops are taken from (the detected box expanded by ``expand``)."""
+        return expand_square_boxes(detections.boxes, self.expand)
+
+    def __call__(
+        self, images: jax.Array, *, aligned: bool = True, detections: FaceDetections | None = None
+    ) -> FaceCrops:
+        """images ``[B, H, W, 3]`` in [-1, 1] -> FaceCrops; gradients reach the pixels through both crops.
+        ``detections`` found earlier for these images (e.g. by the train step, which needs them too) skip detection."""
+        if detections is None:
+            detections = self.detect(images)
+        else:
+            detections = jax.tree_util.tree_map(jax.lax.stop_gradient, detections)
+        crops = crop_and_resize(images, self.face_boxes(detections), self.crop_size)
         aligned_faces = None
         if aligned and getattr(self.detector, "landmark_scheme", "arcface") == "dlib":
             aligned_faces = extract_face_chips(images, detections.landmarks, DLIB_CHIP_SIZE)

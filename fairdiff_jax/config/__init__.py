@@ -22,8 +22,8 @@ from fairdiff_jax.config.schema import (
 )
 from fairdiff_jax.config.validate import (
     refuse_unsupported_evaluation,
-    refuse_unsupported_training,
     validate_config,
+    validate_face_training,
     validate_target,
 )
 
@@ -42,9 +42,9 @@ __all__ = [
     "parse_value",
     "plain_config",
     "refuse_unsupported_evaluation",
-    "refuse_unsupported_training",
     "split_overrides",
     "validate_config",
+    "validate_face_training",
     "validate_target",
     "write_resolved_config",
 ]

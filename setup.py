@@ -40,10 +40,14 @@ setup(
             "importlib_resources>=6",
             "opencv-python-headless>=4.9,<5",
             "scikit-image>=0.22",
+            "dlib-bin>=19.24",  # dlib's face detectors and the reference for the face-embedding parity tests
+            "face-recognition-models>=0.3",  # dlib's trained .dat files (about 130 MB)
         ],
         "torch": ["torch==2.13.0", "peft>=0.13", "accelerate>=1.0"],
         "tfds": ["tensorflow-datasets>=4.9.4", "importlib_resources>=6"],
-        "faces": ["opencv-python-headless>=4.9,<5"],  # OpenCV 5 no longer ships the Haar cascades
+        # OpenCV 5 no longer ships the Haar cascades; dlib-bin: dlib's CNN / HOG face detectors and 5-point landmarks;
+        # face-recognition-models: dlib's trained files (detector, landmarks, the face-recognition ResNet)
+        "faces": ["opencv-python-headless>=4.9,<5", "dlib-bin>=19.24", "face-recognition-models>=0.3"],
     },
     entry_points={
         "console_scripts": ["fairdiff=fairdiff_jax.cli:main"],

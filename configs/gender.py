@@ -13,6 +13,7 @@ def get_config(arg=None):
     config.attributes.gender = attribute("gender", (0.5, 0.5), factor1=0.2, factor2=0.2)
     config.loss.lambda_img = 8.0
     config.loss.lambda_face = 1.0
+    config.faces.detector = "dlib_cnn"  # the authors' face detector; L_face also needs loss.face_reference_path
     config.train.images_per_prompt = 24
     config.eval.images_per_prompt = 60
     config.num_steps = 10_000

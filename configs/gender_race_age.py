@@ -18,6 +18,7 @@ def get_config(arg=None):
     )
     config.loss.lambda_img = 8.0
     config.loss.lambda_face = 0.1
+    config.faces.detector = "dlib_cnn"  # the authors' face detector; L_face also needs loss.face_reference_path
     config.loss.face_keep_confidence = 0.75
     config.train.images_per_prompt = 40
     config.eval.images_per_prompt = 160

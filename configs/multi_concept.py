@@ -14,6 +14,7 @@ def get_config(arg=None):
     config.attributes.race = attribute("race", (0.25, 0.25, 0.25, 0.25), factor1=0.6, factor2=0.3)
     config.loss.lambda_img = 8.0
     config.loss.lambda_face = 0.1
+    config.faces.detector = "dlib_cnn"  # the authors' face detector; L_face also needs loss.face_reference_path
     config.loss.face_keep_confidence = 0.8
     config.data.prompts = ("occupations", "sports", "occupations_style", "personal_descriptors")
     config.train.images_per_prompt = 40

@@ -12,6 +12,7 @@ def get_config(arg=None):
     config.attributes.race = attribute("race", (0.25, 0.25, 0.25, 0.25), factor1=0.6, factor2=0.3)
     config.loss.lambda_img = 6.0
     config.loss.lambda_face = 0.1
+    config.faces.detector = "dlib_cnn"  # the authors' face detector; L_face also needs loss.face_reference_path
     config.train.images_per_prompt = 32
     config.eval.images_per_prompt = 80
     config.num_steps = 12_000

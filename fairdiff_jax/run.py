@@ -58,6 +58,8 @@ class Run:
     train_prompts: list[str]
     eval_prompts: dict[str, list[str]]  # split name -> prompts
     model_folder: str
+    face_detector: object = None  # the world's face detector (None: no faces, the face terms stay off)
+    face_box_expand: float = 1.0  # how the facial classifiers expand its box into their crop
 
 
 def adaptor_spec_from_config(cfg: ConfigDict, model_folder: str, unet_params, text_encoder_params) -> AdaptorSpec:
@@ -136,6 +138,8 @@ def assemble_run(cfg: ConfigDict, sd, world: World, adaptor_spec: AdaptorSpec | 
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,
         model_folder=world.model_folder,
+        face_detector=world.face_detector,
+        face_box_expand=world.face_box_expand,
     )
 
 

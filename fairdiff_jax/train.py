@@ -22,8 +22,9 @@ from fairdiff_jax import parallel
 from fairdiff_jax.adaptors.spec import write_adaptor_metadata
 from fairdiff_jax.adaptors.transform import adapt_weights
 from fairdiff_jax.checkpoints import Checkpointer
-from fairdiff_jax.config import plain_config, refuse_unsupported_training, write_resolved_config
+from fairdiff_jax.config import plain_config, validate_face_training, write_resolved_config
 from fairdiff_jax.errors import FairdiffError
+from fairdiff_jax.face_terms import build_face_terms
 from fairdiff_jax.generation import SamplerSettings, make_generator, tokenize, uncond_ids
 from fairdiff_jax.images import save_image_grid
 from fairdiff_jax.optim import make_optimizer
@@ -215,7 +216,7 @@ def train(
     a divergence). ``resume_hint(step) -> str`` words the command that resumes from a step, for the divergence
     message. One training process per workdir (``train.lock``).
     """
-    refuse_unsupported_training(cfg)
+    validate_face_training(cfg)
     parallel.maybe_initialize_distributed(cfg)
     make_folder(workdir, "--workdir")
     run = run or build_run(cfg)
@@ -238,7 +239,10 @@ def train(
         with checkpointer:
             _prepare_workdir(cfg, workdir, run, checkpointer)
             optimizer = make_optimizer(cfg)
-            model = step_model(run, cfg)
+            face, face_weights = build_face_terms(cfg, run)
+            if face is not None:  # the embedder and the reference set join the frozen weights every step receives
+                run.frozen["face"] = face_weights
+            model = step_model(run, cfg, face)
             state = init_state(run.spec, run.frozen, optimizer, jax.random.PRNGKey(int(cfg.seed) + 1))
             prompts = PromptIterator(run.train_prompts, int(cfg.train.prompts_per_step), seed=int(cfg.seed))
             state, start = _restore(checkpointer, state, prompts, workdir, resume_step)

@@ -3,7 +3,8 @@
 For each prompt, N fresh noises and one random step count: the frozen original model generates ``x_ori``
 (no gradient) for the regularisers; the adapted model generates ``x`` through the adjusted DFT; the
 classifier's outputs of the prompt's images on *all* devices give the dynamic OT targets; the total loss
-``L_align + λ_img L_img`` (:func:`total_loss`) is back-propagated into the adaptor only; gradients are
+``L_align + λ_img L_img + λ_face L_face`` (:func:`total_loss`; L_img's gradient damped by factor2 inside the face
+boxes, when the run has face terms) is back-propagated into the adaptor only; gradients are
 ``pmean``-ed; AdamW and the EMA update follow. A non-finite loss or gradient leaves the state untouched and is
 counted. Every part is a module-level function of explicit inputs: the static :class:`StepModel`, the trainable
 state, the frozen weights (one pytree) and the :class:`Batch`.
@@ -25,6 +26,7 @@ from fairdiff_jax.adaptors.transform import adapt_weights, init_adaptor, project
 from fairdiff_jax.alignment import alignment_cross_entropy, distributional_alignment_grouped
 from fairdiff_jax.alignment.semantic import mismatch_factor, semantic_loss
 from fairdiff_jax.errors import FairdiffError
+from fairdiff_jax.face_terms import FaceTerms
 from fairdiff_jax.generation import Pipeline, SamplerSettings, embed, generate_images
 from fairdiff_jax.metrics import bias_from_freq
 from fairdiff_jax.parallel import AXIS, pmean
@@ -93,14 +95,30 @@ class StepModel:
     num_classes: dict
     targets: dict  # attribute -> [K] target distribution
     loss: LossSettings
+    face: FaceTerms | None = None  # L_face and factor2 (fairdiff_jax.face_terms); None = off
 
     @property
     def use_img(self) -> bool:
         return bool(self.feature_fns) and self.loss.lambda_img > 0
 
+    @property
+    def use_face(self) -> bool:
+        return self.face is not None and self.face.use_face
 
-def step_model(run, cfg) -> StepModel:
-    """The :class:`StepModel` of a :class:`fairdiff_jax.run.Run` and its config."""
+
+class Originals(NamedTuple):
+    """The frozen model's side of an iteration: images ``[R, H, W, 3]``, the classifier's predictions ``{a: [R]}``
+    and probabilities ``{a: [R, K]}``, and, with face terms, the faces found in the images (else None)."""
+
+    images: jax.Array
+    pred: dict
+    probs: dict
+    detections: Any = None
+
+
+def step_model(run, cfg, face: FaceTerms | None = None) -> StepModel:
+    """The :class:`StepModel` of a :class:`fairdiff_jax.run.Run` and its config; ``face`` from
+    :func:`fairdiff_jax.face_terms.build_face_terms` (its weights in ``frozen["face"]``)."""
     return StepModel(
         pipeline=run.pipeline,
         sampler=SamplerSettings.from_config(cfg.sampler),
@@ -110,6 +128,7 @@ def step_model(run, cfg) -> StepModel:
         num_classes=dict(run.task.num_classes),
         targets={n: jnp.asarray(t) for n, t in run.task.targets.items()},
         loss=LossSettings.from_config(cfg),
+        face=face,
     )
 
 
@@ -220,6 +239,44 @@ def semantic_weights(model: StepModel, labels: dict, ori_pred: dict, valid: jax.
     return mismatch_factor(labels, ori_pred, valid, dict(model.loss.factor1))
 
 
+def detect_faces(model: StepModel, images):
+    """The faces of ``images`` when the run has face terms (host detection, no gradient), else None."""
+    return model.face.detect(images) if model.face is not None else None
+
+
+def classify(model: StepModel, frozen: dict, images, detections):
+    """``(logits, valid)``; with ``detections`` the classifier crops those faces instead of detecting again."""
+    if detections is None:
+        return model.classifier(frozen["classifier"], images)
+    return model.classifier(frozen["classifier"], images, detections=detections)
+
+
+def originals(model: StepModel, frozen: dict, x_ori) -> Originals:
+    """Classify (and detect the faces of) the frozen model's images; predictions are −1 where no face was found."""
+    detections = detect_faces(model, x_ori)
+    logits, valid = classify(model, frozen, x_ori, detections)
+    probs = {k: jax.nn.softmax(v.astype(jnp.float32), -1) for k, v in logits.items()}
+    pred = {k: jnp.where(valid, v, -1) for k, v in _predictions(logits).items()}
+    return Originals(x_ori, pred, probs, detections)
+
+
+def damp_face_boxes(model: StepModel, images, detections, ori: Originals, labels):
+    """``images`` with factor2's damping of L_img's gradient inside the face boxes (unchanged when it is off)."""
+    if model.face is None:
+        return images
+    return model.face.damp(images, detections, ori.detections, labels, ori.pred)
+
+
+def face_term(model: StepModel, frozen: dict, images, detections, ori: Originals, labels, total_images: int):
+    """L_face of these images (before λ_face) as their share of the mean over ``total_images`` (0 when off)."""
+    if not model.use_face:
+        return jnp.zeros((), jnp.float32)
+    per_image = model.face.per_image_loss(
+        frozen["face"], images, detections, ori.images, ori.detections, labels, ori.probs
+    )
+    return per_image.sum() / total_images
+
+
 def semantic_term(model: StepModel, frozen: dict, images, x_ori, weights) -> jax.Array:
     """L_img of these images: the weighted mean over them of Σ_e (1 − cos(e(x), e(x_ori))) (0 when off)."""
     if not model.use_img:
@@ -229,34 +286,39 @@ def semantic_term(model: StepModel, frozen: dict, images, x_ori, weights) -> jax
     return value
 
 
-def total_loss(model: StepModel, align: jax.Array, img: jax.Array) -> jax.Array:
-    """The one objective: ``L_align + λ_img · L_img``."""
-    return align + model.loss.lambda_img * img if model.use_img else align
+def total_loss(model: StepModel, align: jax.Array, img: jax.Array, face: jax.Array | float = 0.0) -> jax.Array:
+    """The one objective: ``L_align + λ_img · L_img + λ_face · L_face``."""
+    loss = align + model.loss.lambda_img * img if model.use_img else align
+    return loss + model.face.lambda_face * face if model.use_face else loss
 
 
-def one_pass_value_and_grad(model, params, frozen, batch, noise, prompt_of, x_ori, ori_pred, axis_name):
+def one_pass_value_and_grad(model, params, frozen, batch, noise, prompt_of, ori: Originals, axis_name):
     """``(loss, aux, grads)`` with every image of the device in one backward pass."""
 
     def loss_fn(params):
         images = adapted_images(model, params, frozen, batch, noise, prompt_of, model.sampler.gradient_mode)
-        logits, valid = model.classifier(frozen["classifier"], images)
+        detections = detect_faces(model, images)
+        logits, valid = classify(model, frozen, images, detections)
         align, labels = group_targets(model, logits, valid, batch, axis_name)
-        weights = semantic_weights(model, labels, ori_pred, valid)
-        img = semantic_term(model, frozen, images, x_ori, weights)
+        weights = semantic_weights(model, labels, ori.pred, valid)
+        damped = damp_face_boxes(model, images, detections, ori, labels)
+        img = semantic_term(model, frozen, damped, ori.images, weights)
+        face = face_term(model, frozen, images, detections, ori, labels, images.shape[0])
         aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align.loss, "img": img}
-        return total_loss(model, align.loss, img), aux
+        return total_loss(model, align.loss, img, face), {**aux, "face": face}
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, aux, grads
 
 
-def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, x_ori, ori_pred, axis_name):
-    """Two passes: targets from all images without gradient, then the gradient ``microbatch`` images at a time
-    (a ``lax.scan``), so the backward pass holds one chunk. Equal to the one-pass gradient.
+def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, ori: Originals, axis_name):
+    """Two passes: targets (and faces) from all images without gradient, then the gradient ``microbatch`` images at
+    a time (a ``lax.scan``), so the backward pass holds one chunk. Equal to the one-pass gradient.
 
     In the ``adjusted`` and ``detached`` modes the first pass records its chains (every step's U-Net input and
     output, ``N x steps x 2`` latents) and the chunks replay them: their U-Net runs only in the backward pass, so
-    the chain is not generated twice. ``exact`` differentiates through the U-Net inputs and generates again.
+    the chain is not generated twice. ``exact`` differentiates through the U-Net inputs and generates again. Either
+    way the chunks' images equal the first pass's, so the faces found there are theirs.
     """
     total_images = noise.shape[0]
     chunk = model.loss.microbatch
@@ -264,31 +326,32 @@ def microbatched_value_and_grad(model, params, frozen, batch, noise, prompt_of, 
     replay = mode != "exact"
     images = adapted_images(model, params, frozen, batch, noise, prompt_of, "detached", record=replay)
     images, trajectory = jax.lax.stop_gradient(images if replay else (images, None))
-    logits, valid = model.classifier(frozen["classifier"], images)
+    detections = detect_faces(model, images)
+    logits, valid = classify(model, frozen, images, detections)
     _, labels = group_targets(model, logits, valid, batch, axis_name)
-    weights = semantic_weights(model, labels, ori_pred, valid)
+    weights = semantic_weights(model, labels, ori.pred, valid)
 
-    def chunk_loss(params, rows_noise, rows_prompt, rows_x_ori, rows_labels, rows_weights, rows_trajectory):
-        rows_images = adapted_images(
-            model, params, frozen, batch, rows_noise, rows_prompt, mode, replay=rows_trajectory
-        )
-        rows_logits, _ = model.classifier(frozen["classifier"], rows_images)
+    def chunk_loss(params, rows_noise, rows_prompt, rows_ori, rows_labels, rows_weights, rows_detections, rows_traj):
+        rows_images = adapted_images(model, params, frozen, batch, rows_noise, rows_prompt, mode, replay=rows_traj)
+        rows_logits, _ = classify(model, frozen, rows_images, rows_detections)
         align = sum(alignment_cross_entropy(rows_logits[k], rows_labels[k], total_images) for k in rows_labels)
-        img = semantic_term(model, frozen, rows_images, rows_x_ori, rows_weights) * (chunk / total_images)
-        return total_loss(model, align, img), (align, img)
+        damped = damp_face_boxes(model, rows_images, rows_detections, rows_ori, rows_labels)
+        img = semantic_term(model, frozen, damped, rows_ori.images, rows_weights) * (chunk / total_images)
+        face = face_term(model, frozen, rows_images, rows_detections, rows_ori, rows_labels, total_images)
+        return total_loss(model, align, img, face), (align, img, face)
 
     def chunks(x):
         return x.reshape((total_images // chunk, chunk) + x.shape[1:])
 
     def accumulate(carry, rows):
-        (loss, (align, img)), grads = jax.value_and_grad(chunk_loss, has_aux=True)(params, *rows)
-        return jax.tree.map(jnp.add, carry, (loss, align, img, grads)), None
+        (loss, terms), grads = jax.value_and_grad(chunk_loss, has_aux=True)(params, *rows)
+        return jax.tree.map(jnp.add, carry, (loss, *terms, grads)), None
 
-    zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    rows = (chunks(noise), chunks(prompt_of), chunks(x_ori), jax.tree.map(chunks, labels), chunks(weights))
-    rows = (*rows, jax.tree.map(chunks, trajectory))
-    (loss, align, img, grads), _ = jax.lax.scan(accumulate, zeros, rows)
-    aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align, "img": img}
+    zeros = (jnp.zeros(()),) * 4 + (jax.tree.map(jnp.zeros_like, params),)
+    rows = (chunks(noise), chunks(prompt_of), jax.tree.map(chunks, ori), jax.tree.map(chunks, labels))
+    rows += (chunks(weights), jax.tree.map(chunks, detections), jax.tree.map(chunks, trajectory))
+    (loss, align, img, face, grads), _ = jax.lax.scan(accumulate, zeros, rows)
+    aux = {"labels": labels, "pred": _predictions(logits), "valid": valid, "align": align, "img": img, "face": face}
     return loss, aux, grads
 
 
@@ -332,17 +395,16 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, *, model: StepMode
     n, num_prompts = batch.noise.shape[:2]
     noise = batch.noise.reshape((n * num_prompts,) + batch.noise.shape[2:])
     prompt_of = jnp.arange(n * num_prompts) % num_prompts  # the prompt of each image-major row
-    x_ori = original_images(model, frozen, batch, noise)
-    ori_logits, ori_valid = model.classifier(frozen["classifier"], x_ori)
-    ori_pred = {k: jnp.where(ori_valid, v, -1) for k, v in _predictions(ori_logits).items()}  # -1: no face
+    ori = originals(model, frozen, original_images(model, frozen, batch, noise))
     value_and_grad = microbatched_value_and_grad if model.loss.microbatch else one_pass_value_and_grad
-    loss, aux, grads = value_and_grad(model, state.params, frozen, batch, noise, prompt_of, x_ori, ori_pred, axis_name)
+    loss, aux, grads = value_and_grad(model, state.params, frozen, batch, noise, prompt_of, ori, axis_name)
     grads, loss = reduce(grads), reduce(loss)
     new_state, update = apply_update(model, optimizer, state, grads, loss)
     metrics = {
         "loss": loss,
         "loss_align": reduce(aux["align"]),
         "loss_img": reduce(aux["img"]),
+        "loss_face": reduce(aux["face"]),
         "grad_norm": optax.global_norm(grads),
         "update_norm": update["update_norm"],
         "skipped": new_state.skipped,

@@ -213,21 +213,30 @@ def test_prompt_iterator_resumes_exactly_and_covers_each_epoch():
         PromptIterator(prompts, 11)
 
 
-def test_unwired_keys_are_refused_where_they_would_be_read(model_dir):
-    from fairdiff_jax.config import refuse_unsupported_training
+def test_face_terms_are_checked_at_train_time_in_one_line(model_dir, tmp_path):
+    from fairdiff_jax.config import validate_face_training
 
-    paper = load_config(config_path("gender_race.py"), [f"--config.model.path={model_dir}"])
-    with pytest.raises(FairdiffError, match="not supported yet") as info:
-        refuse_unsupported_training(paper)
-    message = str(info.value)
-    for key in ("loss.lambda_face=0.1", "loss.face_keep_confidence=0.8", "attributes.gender.factor2=0.2"):
-        assert key in message, message
-    assert "--config.loss.lambda_face=0.0" in message and "\n" not in message
-    off = [
-        "--config.loss.lambda_face=0",
-        "--config.loss.face_keep_confidence=0.9",
-        "--config.attributes.gender.factor2=1",
-        "--config.attributes.race.factor2=1",
-        f"--config.model.path={model_dir}",
+    reference = tmp_path / "faces.safetensors"
+    reference.write_bytes(b"checked when loaded")
+    model = f"--config.model.path={model_dir}"
+    cases = [
+        ([], "needs a reference set of real faces"),  # the paper's config as shipped: L_face on, no reference yet
+        (["--config.faces.detector=haar", f"--config.loss.face_reference_path={reference}"], "dlib's 5 landmarks"),
+        (
+            ["--config.loss.lambda_face=0", "--config.faces.detector=none"],
+            "attributes.race.factor2=0.3: factor2 damps L_img",
+        ),
     ]
-    refuse_unsupported_training(load_config(config_path("gender_race.py"), off))  # nothing left to refuse
+    for overrides, message in cases:
+        with pytest.raises(FairdiffError, match=message) as info:
+            validate_face_training(load_config(config_path("gender_race.py"), [model, *overrides]))
+        assert "\n" not in str(info.value) and "--config." in str(info.value)
+    ready = [f"--config.loss.face_reference_path={reference}", model]
+    validate_face_training(load_config(config_path("gender_race.py"), ready))  # dlib_cnn + a reference: accepted
+    off = ["--config.loss.lambda_face=0", "--config.faces.detector=none", model]
+    off += ["--config.attributes.gender.factor2=1", "--config.attributes.race.factor2=1"]
+    validate_face_training(load_config(config_path("gender_race.py"), off))  # no face terms: nothing to check
+    with pytest.raises(FairdiffError, match="the toy world has no faces"):
+        validate_face_training(load_config(config_path("toy.py"), ["--config.loss.lambda_face=1"]))
+    with pytest.raises(FairdiffError, match="lambda_face=-1.0 must be >= 0"):
+        load_config(config_path("gender.py"), ["--config.loss.lambda_face=-1", model])

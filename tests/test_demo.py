@@ -63,6 +63,7 @@ def test_demo_writes_the_report(tiny_toy_world, tmp_path, monkeypatch, capsys, a
     with open(os.path.join(report, "report.md")) as f:
         text = f.read()
     assert "| gender_x_race | — | held out |" in text and "| gender | 0.30/0.70 | debiased |" in text
+    assert "Face terms: off: the toy world has no faces" in text and "no faces" in metrics["face_terms"]
     out = capsys.readouterr().out
     assert "gender: bias" in out and "race: bias" in out
     assert os.path.getsize(os.path.join(workdir, "train", "samples", "step_0000002.png")) > 0  # sample grid

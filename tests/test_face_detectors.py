@@ -271,3 +271,73 @@ def test_errors_are_one_line_and_say_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(detectors, "_local", type(detectors._local)())
     with pytest.raises(FairdiffError, match=r"pip install -e '\.\[faces\]'"):
         OpenCVFaceDetector("haar")
+
+
+# ---------------------------------------------------------------- dlib (faces extra: dlib-bin, face-recognition-models)
+
+# dlib's 5 points on the astronaut, hand-checked: outer and inner corner of the image-right eye, of the image-left
+# eye, bottom of the nose (image pixels)
+ASTRONAUT_DLIB_POINTS = np.array([[255, 104], [237, 105], [195, 101], [212, 103], [224, 135]], np.float32)
+
+
+@pytest.fixture(scope="module")
+def dlib_module():
+    return pytest.importorskip("dlib", reason="dlib is not installed: pip install -e '.[faces]'")
+
+
+@pytest.mark.parametrize("kind", ["dlib_hog", "dlib_cnn"])
+def test_dlib_detectors_find_the_face_and_give_dlibs_five_points(dlib_module, astronaut, blank, kind):
+    from fairdiff_jax.attributes.dlib_detect import LANDMARKS_FILE, dlib_model_file
+
+    detector = make_face_detector(kind)
+    assert detector.landmark_scheme == "dlib"
+    found = jax.jit(detector)(jnp.asarray(np.stack([astronaut, blank])))
+    np.testing.assert_array_equal(np.asarray(found.valid), [True, False])
+    box = np.asarray(found.boxes[0])
+    assert _iou(box, ASTRONAUT_FACE) > 0.5, box
+    points = np.asarray(found.landmarks[0])
+    assert np.abs(points - ASTRONAUT_DLIB_POINTS).max() <= 4, points
+    # exactly what dlib's shape predictor gives on the detector's box (dlib rectangles are inclusive)
+    rgb = skdata.astronaut()
+    shape = dlib_module.shape_predictor(dlib_model_file(LANDMARKS_FILE))(
+        rgb, dlib_module.rectangle(*(int(v) for v in box[:2]), int(box[2]) - 1, int(box[3]) - 1)
+    )
+    np.testing.assert_array_equal(points, [[shape.part(i).x, shape.part(i).y] for i in range(5)])
+    assert np.isfinite(np.asarray(found.landmarks[1])).all()  # placeholder for the faceless image
+
+
+def test_dlib_boxes_are_clipped_and_the_largest_clipped_face_wins(dlib_module):
+    """A face cut by the image edge whose raw dlib box (-46..93) is the largest but whose part inside the image is
+    smaller than a whole face elsewhere: the authors rank faces by the clipped area, so the whole face wins."""
+    head = skdata.astronaut()[30:210, 140:300]
+    canvas = np.full((400, 560, 3), 128, np.uint8)
+    _paste(canvas, cv2.resize(head, (200, 225)), 340, 40)
+    canvas[60:352, :140] = cv2.resize(head, (260, 292))[:, 120:]
+    detector = make_face_detector("dlib_hog")
+    raw = detector._engine()[0](canvas, 0)
+    areas = sorted((r.right() - r.left() + 1) * (r.bottom() - r.top() + 1) for r in raw)
+    assert len(raw) == 2 and min(r.left() for r in raw) < 0 and areas[1] > areas[0]  # the cut face's raw box is larger
+    found = detector.detect_numpy(_to_signed(canvas)[None])
+    box = found.boxes[0]
+    assert found.valid[0] and box[0] > 300 and box[2] <= 560, box
+
+
+def test_dlib_errors_are_one_line_and_say_how_to_fix(dlib_module, tmp_path, monkeypatch):
+    from fairdiff_jax.attributes import dlib_detect
+    from fairdiff_jax.attributes.detectors import FACE_DETECTORS
+
+    assert FACE_DETECTORS == ("none", "haar", "yunet", "dlib_cnn", "dlib_hog")
+    garbled = tmp_path / "garbled.dat"
+    garbled.write_bytes(b"\x01\x01\x01\x0dnot a network at all")
+    with pytest.raises(FairdiffError, match="dlib could not read the CNN face detector") as err:
+        make_face_detector("dlib_cnn", str(garbled))
+    assert "\n" not in str(err.value)
+    with pytest.raises(FairdiffError, match="does not exist"):
+        make_face_detector("dlib_cnn", str(tmp_path / "missing.dat"))
+    monkeypatch.setattr(dlib_detect, "_local", type(dlib_detect._local)())
+    monkeypatch.setitem(sys.modules, "dlib", None)  # as if dlib were not installed
+    with pytest.raises(FairdiffError, match=r"need dlib.*pip install -e '\.\[faces\]'"):
+        make_face_detector("dlib_hog")
+    monkeypatch.setattr(dlib_detect.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FairdiffError, match="face-recognition-models"):
+        dlib_detect.dlib_model_file(dlib_detect.LANDMARKS_FILE)

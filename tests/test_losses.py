@@ -1,5 +1,5 @@
 """L_align, the training-loop alignment call (grouped and across a named device axis), the semantics-preservation
-loss with its weights and face-box gradient scale, and the face-realism loss."""
+loss with its weights and face-box gradient scale (the face-realism loss: test_face_loss.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,16 +8,11 @@ import pytest
 
 from fairdiff_jax import FairdiffError
 from fairdiff_jax.alignment import (
-    FaceReference,
     alignment_cross_entropy,
     distributional_alignment,
     distributional_alignment_grouped,
     dynamic_targets,
-    face_realism_loss,
-    face_targets,
-    joint_class,
     mismatch_factor,
-    nearest_reference,
     scale_face_gradient,
     semantic_loss,
 )
@@ -150,44 +145,6 @@ def test_face_box_gradient_is_scaled_inside_the_box_only():
     ratio[0, 1:5, 2:6] = 0.2  # pixel centres 1.5..4.5 (rows) and 2.5..5.5 (cols) are inside the box
     np.testing.assert_allclose(np.asarray(scaled), np.asarray(plain) * ratio, rtol=1e-5, atol=1e-9)
     np.testing.assert_array_equal(np.asarray(scale_face_gradient(images, boxes, valid)), np.asarray(images))
-
-
-def test_face_targets_and_nearest_reference():
-    labels = {"gender": jnp.array([1, 0, -1, 1]), "race": jnp.array([2, 3, 0, 1])}
-    conf = {"gender": jnp.array([0.95, 0.95, 0.5, 0.85]), "race": jnp.array([0.99, 0.9, 0.9, 0.99])}
-    original = {"gender": jnp.array([1, 1, 0, 1]), "race": jnp.array([2, 3, 0, 1])}
-    keep, joint = face_targets(labels, conf, original, {"gender": 2, "race": 4}, keep_threshold=0.9)
-    np.testing.assert_array_equal(np.asarray(keep), [True, False, False, False])
-    np.testing.assert_array_equal(np.asarray(joint), [6, 3, -1, 5])
-    np.testing.assert_array_equal(np.asarray(joint_class({"a": jnp.array([2])}, {"a": 3})), [2])
-    per_class = [RNG.normal(size=(m, 4)) for m in (3, 5)]
-    reference = FaceReference.from_class_lists(per_class)
-    queries = RNG.normal(size=(6, 4)).astype(np.float32)
-    classes = np.array([0, 1, 1, 0, 1, 0])
-    got = np.asarray(nearest_reference(jnp.asarray(queries), jnp.asarray(classes), reference))
-    for q, c, g in zip(queries, classes, got):
-        unit = per_class[c] / np.linalg.norm(per_class[c], axis=-1, keepdims=True)
-        np.testing.assert_allclose(g, unit[np.argmax(unit @ q)], atol=1e-6)
-
-
-def test_face_realism_loss_targets_gradients_and_skip():
-    embed = linear_extractor(4, 3)
-    faces = jnp.asarray(RNG.uniform(-1, 1, size=(4, 8, 8, 3)), jnp.float32)
-    reference = FaceReference.from_class_lists([RNG.normal(size=(3, 4)), RNG.normal(size=(2, 4))])
-    keep = jnp.array([True, False, False, False])
-    target_class = jnp.array([0, 1, -1, 0])
-    valid = jnp.array([True, True, True, False])
-    loss, active = face_realism_loss(embed, faces, faces, reference, keep, target_class, valid)
-    assert active
-    current = np.asarray(embed(faces))
-    goal = np.asarray(nearest_reference(jnp.asarray(current), target_class, reference))[1]
-    want = 1 - current[1] @ goal / np.linalg.norm(current[1])  # image 0 keeps its own face: 0; 2, 3 unused
-    np.testing.assert_allclose(float(loss), want / 4, rtol=1e-5)
-    grad = jax.grad(lambda f: face_realism_loss(embed, f, faces, reference, keep, target_class, valid)[0])(faces)
-    assert np.all(np.isfinite(np.asarray(grad)))
-    assert np.abs(np.asarray(grad[1])).sum() > 0 and np.all(np.asarray(grad[2:]) == 0)
-    assert face_realism_loss(None, faces, faces, reference, keep, target_class, valid) == (0.0, False)
-    assert face_realism_loss(embed, faces, faces, None, keep, target_class, valid)[1] is False
 
 
 def test_dynamic_targets_contract_returns_sequences():

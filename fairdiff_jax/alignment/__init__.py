@@ -1,7 +1,13 @@
 """Distributional alignment: dynamic targets by expected optimal transport, L_align, and the regularisers."""
 
 from fairdiff_jax.alignment.assignment import solve_assignment
-from fairdiff_jax.alignment.face import FaceReference, face_realism_loss, face_targets, joint_class, nearest_reference
+from fairdiff_jax.alignment.face import (
+    default_keep_confidence,
+    face_loss_mask,
+    face_realism_loss,
+    keep_original_face,
+    nearest_reference,
+)
 from fairdiff_jax.alignment.losses import (
     AlignmentOutput,
     alignment_cross_entropy,
@@ -28,7 +34,6 @@ from fairdiff_jax.alignment.targets import (
 
 __all__ = [
     "AlignmentOutput",
-    "FaceReference",
     "alignment_cross_entropy",
     "binary_expected_targets",
     "binomial_cdf",
@@ -38,9 +43,10 @@ __all__ = [
     "dynamic_targets",
     "dynamic_targets_grouped",
     "expected_targets",
+    "default_keep_confidence",
+    "face_loss_mask",
     "face_realism_loss",
-    "face_targets",
-    "joint_class",
+    "keep_original_face",
     "mismatch_factor",
     "nearest_reference",
     "sample_target_labels",

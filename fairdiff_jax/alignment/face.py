@@ -1,107 +1,116 @@
-"""Face realism (DESIGN §1.3): ``L_face = 1 − cos(E(face of x), e*)`` with a pluggable face-embedding network E.
+"""Face realism (DESIGN §1.3) as the authors compute it: ``L_face = 1 − cos(E(face of x), e*)``.
 
-e* is the original image's face embedding when the image keeps its class (its target equals the original
-prediction with confidence ≥ 0.9), else the reference embedding of a real face of the target class that is
-nearest (by cosine) to the current face. Images without a face or a target contribute nothing.
+E(face) is the embedding of the face plus that of its mirror image, normalised (``get_face_feats``). e* is the
+original image's embedding when the image keeps its class: for every attribute the target equals the original
+image's predicted class and the original classifier's top probability is at least the keep confidence (0.9 for one
+attribute, 0.8 for gender × race, 0.75 with age); otherwise e* is the reference embedding of a real face with the
+largest dot product with E(face of x), searched over the *whole* reference set (``FaceFeatsModel.semantic_search``,
+top-1, ``util.dot_score``). Which images count: with one attribute, those with a face and a target
+(``exp-1-debias-gender/1-main-debias.py``, ``exp-2-...``, ``exp-6-debias-race/...``); with several attributes, every
+image with a face (``exp-3-debias-gender-race/1-main-debias.py``, ``exp-4-...``), all in
+sail-sg/finetune-fair-diffusion. The loss of the images that do not count is 0, and the mean is over all images (the
+authors back-propagate ``loss_ij.mean()`` with constant placeholders for them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fairdiff_jax.alignment.semantic import cosine_similarity
 from fairdiff_jax.errors import FairdiffError
 
-FaceEmbedder = Callable[[jax.Array], jax.Array]  # aligned faces [B, 112, 112, 3] in [-1, 1] -> [B, D]
+# the authors' keep-original confidence by number of debiased attributes (face_*_confidence_level in their scripts)
+KEEP_CONFIDENCE = {1: 0.9, 2: 0.8, 3: 0.75}
 
 
-class FaceReference(NamedTuple):
-    """Reference embeddings of real faces: ``embeddings [K, M, D]`` (unit norm) and ``mask [K, M]`` per class."""
-
-    embeddings: jax.Array
-    mask: jax.Array
-
-    @classmethod
-    def from_class_lists(cls, per_class: Sequence[np.ndarray]) -> FaceReference:
-        """Build from one ``[M_k, D]`` array per class (classes in the target's class order)."""
-        if not per_class or any(np.asarray(e).ndim != 2 or len(e) == 0 for e in per_class):
-            raise FairdiffError(
-                "face reference set needs at least one [M, D] embedding array per class; compute embeddings of "
-                "real faces for every class of the target."
-            )
-        size = max(len(e) for e in per_class)
-        dim = np.asarray(per_class[0]).shape[1]
-        emb = np.zeros((len(per_class), size, dim), np.float32)
-        mask = np.zeros((len(per_class), size), bool)
-        for k, e in enumerate(per_class):
-            e = np.asarray(e, np.float32)
-            emb[k, : len(e)] = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-8)
-            mask[k, : len(e)] = True
-        return cls(jnp.asarray(emb), jnp.asarray(mask))
+def default_keep_confidence(num_attributes: int) -> float:
+    """0.9 for one attribute, 0.8 for two (gender × race), 0.75 for three (with age); 0.75 beyond."""
+    if num_attributes < 1:
+        raise FairdiffError("the face-realism loss needs at least one attribute; configure attributes.<name>")
+    return KEEP_CONFIDENCE.get(num_attributes, KEEP_CONFIDENCE[3])
 
 
-def joint_class(labels: Mapping[str, jax.Array], num_classes: Mapping[str, int]) -> jax.Array:
-    """Mixed-radix joint class ``[B]`` of per-attribute labels (attribute order of ``num_classes``); −1 if any
-    label is −1. E.g. gender (2) × race (4): joint = gender · 4 + race."""
-    joint = None
-    missing = None
-    for name, k in num_classes.items():
-        label = labels[name]
-        joint = label if joint is None else joint * k + label
-        missing = (label < 0) if missing is None else missing | (label < 0)
-    return jnp.where(missing, -1, joint)
+def normalize(embeddings: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Rows of ``[B, D]`` scaled to unit norm (float32 or wider), as ``torch.nn.functional.normalize``."""
+    embeddings = embeddings.astype(jnp.promote_types(embeddings.dtype, jnp.float32))
+    return embeddings / jnp.maximum(jnp.linalg.norm(embeddings, axis=-1, keepdims=True), eps)
 
 
-def face_targets(
+def keep_original_face(
     labels: Mapping[str, jax.Array],
-    conf: Mapping[str, jax.Array],
-    original_labels: Mapping[str, jax.Array],
-    num_classes: Mapping[str, int],
+    original_probs: Mapping[str, jax.Array],
+    original_valid: jax.Array,
     *,
-    keep_threshold: float = 0.9,
-) -> tuple[jax.Array, jax.Array]:
-    """(keep_original ``[B]`` bool, target joint class ``[B]``, −1 = none) for :func:`face_realism_loss`."""
-    keep = None
-    for name in num_classes:
-        same = (labels[name] >= 0) & (labels[name] == original_labels[name]) & (conf[name] >= keep_threshold)
-        keep = same if keep is None else keep & same
-    return keep, joint_class(labels, num_classes)
+    threshold: float,
+) -> jax.Array:
+    """``[B]`` bool: the original image has a face and, for every attribute, the target ``labels[a] [B]`` (−1: none)
+    is the original prediction ``argmax original_probs[a] [B, K]`` with top probability ≥ ``threshold``."""
+    keep = jnp.asarray(original_valid, bool)
+    for name, label in labels.items():
+        probs = original_probs[name]
+        same = (label >= 0) & (label == jnp.argmax(probs, -1)) & (probs.max(-1) >= threshold)
+        keep = keep & same
+    return keep
 
 
-def nearest_reference(embeddings: jax.Array, target_class: jax.Array, reference: FaceReference) -> jax.Array:
-    """For each face ``[B, D]``, the reference embedding of its target class with the largest cosine ``[B, D]``."""
-    unit = embeddings / jnp.maximum(jnp.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-8)
-    classes = jnp.clip(target_class, 0, reference.embeddings.shape[0] - 1)
-    candidates = reference.embeddings[classes]  # [B, M, D]
-    scores = jnp.where(reference.mask[classes], jnp.einsum("bmd,bd->bm", candidates, unit), -jnp.inf)
-    return jnp.take_along_axis(candidates, jnp.argmax(scores, axis=-1)[:, None, None], axis=1)[:, 0]
+def face_loss_mask(valid: jax.Array, labels: Mapping[str, jax.Array]) -> jax.Array:
+    """``[B]`` bool, which images the loss covers: a face, and with a single attribute also a target."""
+    used = jnp.asarray(valid, bool)
+    if len(labels) == 1:
+        used = used & (next(iter(labels.values())) >= 0)
+    return used
+
+
+def nearest_reference(queries: jax.Array, reference: jax.Array) -> jax.Array:
+    """For each unit query ``[B, D]``, the row of the unit reference set ``[M, D]`` with the largest dot product."""
+    reference = reference.astype(jnp.promote_types(queries.dtype, jnp.float32))
+    return reference[jnp.argmax(jnp.einsum("bd,md->bm", queries, reference), axis=-1)]
 
 
 def face_realism_loss(
-    embed: FaceEmbedder | None,
-    faces: jax.Array,
-    original_faces: jax.Array,
-    reference: FaceReference | None,
+    embeddings: jax.Array,
+    original_embeddings: jax.Array,
+    reference: jax.Array,
     keep_original: jax.Array,
-    target_class: jax.Array,
-    valid: jax.Array,
-) -> tuple[jax.Array, bool]:
-    """Mean over images of ``1 − cos(E(face), e*)`` (before λ_face); faces ``[B, s, s, 3]`` aligned crops.
+    used: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """``(mean over the batch of 1 − cos(E(x), e*), per-image loss [B])`` before λ_face.
 
-    Images count when they have a face (``valid``) and either keep their original face or have a target class.
-    Returns (loss, active); ``(0.0, False)`` when no face-embedding network or reference set is configured.
+    Args:
+      embeddings: ``[B, D]`` E(face) + E(mirrored face) of the images being trained (gradients flow).
+      original_embeddings: ``[B, D]`` the same for the frozen model's images (no gradient).
+      reference: ``[M, D]`` unit embeddings of real faces (:class:`~fairdiff_jax.face_reference.FaceReferenceSet`).
+      keep_original: ``[B]`` from :func:`keep_original_face`; used: ``[B]`` from :func:`face_loss_mask`.
     """
-    if embed is None or reference is None:
-        return jnp.zeros((), jnp.float32), False
-    current = embed(faces)
-    original = jax.lax.stop_gradient(embed(jax.lax.stop_gradient(original_faces)))
-    nearest = jax.lax.stop_gradient(nearest_reference(jax.lax.stop_gradient(current), target_class, reference))
+    current = normalize(embeddings)
+    original = jax.lax.stop_gradient(normalize(original_embeddings))
+    nearest = jax.lax.stop_gradient(nearest_reference(jax.lax.stop_gradient(current), reference))
     goal = jnp.where(keep_original[:, None], original, nearest)
-    used = valid & (keep_original | (target_class >= 0))
-    per_image = jnp.where(used, 1.0 - cosine_similarity(current, goal), 0.0)
-    return per_image.sum() / faces.shape[0], True
+    per_image = jnp.where(used, 1.0 - (current * goal).sum(-1), 0.0)
+    return per_image.sum() / embeddings.shape[0], per_image
+
+
+def face_realism(
+    embed: Callable[[jax.Array, jax.Array], jax.Array],
+    images: jax.Array,
+    original_images: jax.Array,
+    landmarks: jax.Array,
+    original_landmarks: jax.Array,
+    valid: jax.Array,
+    original_valid: jax.Array,
+    labels: Mapping[str, jax.Array],
+    original_probs: Mapping[str, jax.Array],
+    reference: jax.Array,
+    *,
+    threshold: float,
+) -> tuple[jax.Array, jax.Array]:
+    """L_face of a batch from the images themselves: ``embed(images [B, H, W, 3], landmarks [B, 5, 2]) -> [B, D]``
+    (E(face) + E(mirror), e.g. a bound :class:`~fairdiff_jax.attributes.face_embedder.FaceEmbedder`), the faces
+    detected in the current and the original images, the targets ``labels[a] [B]`` and the original classifier's
+    ``original_probs[a] [B, K]``. Returns (loss before λ_face, per-image loss ``[B]``)."""
+    original = jax.lax.stop_gradient(embed(jax.lax.stop_gradient(original_images), original_landmarks))
+    keep = keep_original_face(labels, original_probs, original_valid, threshold=threshold)
+    used = face_loss_mask(valid, labels)
+    return face_realism_loss(embed(images, landmarks), original, reference, keep, used)

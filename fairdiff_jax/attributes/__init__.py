@@ -1,4 +1,5 @@
-"""Attribute classifiers, gradient-free face detection with differentiable crops, and CLIP / DINO features."""
+"""Attribute classifiers, gradient-free face detection with differentiable crops and chips, the face-embedding network,
+and CLIP / DINO features."""
 
 from fairdiff_jax.attributes.classifier import (
     AttributeClassifier,
@@ -15,7 +16,15 @@ from fairdiff_jax.attributes.classifier_io import (
     read_classifier_config,
     save_classifier,
 )
-from fairdiff_jax.attributes.detectors import OpenCVFaceDetector, detector_from_config, make_face_detector
+from fairdiff_jax.attributes.detectors import (
+    FACE_DETECTORS,
+    OpenCVFaceDetector,
+    detector_from_config,
+    make_face_detector,
+)
+from fairdiff_jax.attributes.dlib_detect import DlibFaceDetector
+from fairdiff_jax.attributes.face_chip import extract_face_chips
+from fairdiff_jax.attributes.face_embedder import DlibFaceResNet, FaceEmbedder, load_face_embedder
 from fairdiff_jax.attributes.faces import FaceCrops, FaceDetections, FaceDetector, FacePipeline, WholeImageDetector
 from fairdiff_jax.attributes.image_ops import (
     ARCFACE_TEMPLATE_112,
@@ -41,6 +50,12 @@ from fairdiff_jax.attributes.vision_features import (
 )
 
 __all__ = [
+    "FACE_DETECTORS",
+    "DlibFaceDetector",
+    "DlibFaceResNet",
+    "FaceEmbedder",
+    "extract_face_chips",
+    "load_face_embedder",
     "ClassifierSpec",
     "CombinedClassifier",
     "MobileNetV3Large",

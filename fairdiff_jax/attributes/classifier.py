@@ -24,11 +24,14 @@ class ClassifierOutput(NamedTuple):
 
 
 class AttributeClassifier(Protocol):
-    """What the training loop calls: ``classifier(params, images [B, H, W, 3] in [-1, 1]) -> ClassifierOutput``."""
+    """What the training loop calls: ``classifier(params, images [B, H, W, 3] in [-1, 1]) -> ClassifierOutput``;
+    face classifiers also take the ``detections`` of these images when the caller has them already."""
 
     num_classes: Mapping[str, int]
 
-    def __call__(self, params: Any, images: jax.Array) -> ClassifierOutput: ...
+    def __call__(
+        self, params: Any, images: jax.Array, detections: FaceDetections | None = None
+    ) -> ClassifierOutput: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +45,8 @@ class FaceAttributeClassifier:
     num_classes: Mapping[str, int]
     faces: FacePipeline = FacePipeline()
 
-    def __call__(self, params: Any, images: jax.Array) -> ClassifierOutput:
-        crops = self.faces(images, aligned=False)
+    def __call__(self, params: Any, images: jax.Array, detections: FaceDetections | None = None) -> ClassifierOutput:
+        crops = self.faces(images, aligned=False, detections=detections)
         logits = dict(self.network(params, crops.crops))
         for name, k in self.num_classes.items():
             if name not in logits or logits[name].shape[-1] != k:

@@ -210,7 +210,8 @@ class WholeImageClassifier:
     num_classes: Mapping[str, int]
     input_size: int = 224
 
-    def __call__(self, params: Any, images: jax.Array) -> ClassifierOutput:
+    def __call__(self, params: Any, images: jax.Array, detections: FaceDetections | None = None) -> ClassifierOutput:
+        del detections  # the whole image is classified
         batch, height, width = images.shape[:3]
         boxes = jnp.broadcast_to(jnp.array([0.0, 0.0, width, height], jnp.float32), (batch, 4))
         logits = dict(self.network(params, crop_and_resize(images, boxes, self.input_size)))
@@ -247,10 +248,13 @@ class CombinedClassifier:
     def num_classes(self) -> dict[str, int]:
         return {n: part.num_classes[n] for part, names in zip(self.parts, self.keep) for n in names}
 
-    def __call__(self, params: Sequence[Any], images: jax.Array) -> ClassifierOutput:
-        logits, valid, detections = {}, jnp.ones((images.shape[0],), bool), None
+    def __call__(
+        self, params: Sequence[Any], images: jax.Array, detections: FaceDetections | None = None
+    ) -> ClassifierOutput:
+        """``detections``: faces found earlier for these images, used by the face-crop parts instead of detecting."""
+        given, logits, valid, detections = detections, {}, jnp.ones((images.shape[0],), bool), None
         for part, names, part_params in zip(self.parts, self.keep, params):
-            out = part(part_params, images)
+            out = part(part_params, images, given)
             logits.update({n: out.logits[n] for n in names})
             valid = valid & out.valid
             detections = detections if detections is not None else out.detections

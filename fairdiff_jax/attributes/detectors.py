@@ -1,11 +1,7 @@
-"""Host-side face detectors (OpenCV) behind the :class:`~fairdiff_jax.attributes.faces.FaceDetector` interface.
+"""Host-side face detectors behind the :class:`~fairdiff_jax.attributes.faces.FaceDetector` interface, and the one
+list of detector names a config may choose (``faces.detector``).
 
-The detector runs on the host through ``jax.pure_callback`` with a fixed output shape, so it works inside
-``jit``, ``grad`` (it sees ``stop_gradient`` inputs only), ``shard_map`` and ``pmap``. Per image it keeps the
-largest face (the paper classifies the largest face); an image with no face gets ``valid=False`` and the
-whole-image box, so the crops downstream stay well defined and are simply ignored.
-
-Backends:
+Backends (each keeps the largest face per image; see :mod:`~fairdiff_jax.attributes.host_detector`):
   * ``haar``: OpenCV's bundled frontal-face Haar cascade (``haarcascade_frontalface_default.xml`` ships inside the
     ``opencv-python-headless`` 4.x wheel; nothing is downloaded). It gives boxes only, so the five landmarks are
     placed from the box with the geometry of the 112x112 ArcFace template (``ARCFACE_TEMPLATE_112`` stretched
@@ -14,6 +10,8 @@ Backends:
     ``face_detection_yunet_2023mar.onnx``). It returns five landmarks in the order right eye, left eye, nose tip,
     right mouth corner, left mouth corner of the *subject*, i.e. image-left eye first: the same order as
     ``ARCFACE_TEMPLATE_112`` (OpenCV's own ``FaceRecognizerSF.alignCrop`` feeds them to that template as is).
+  * ``dlib_cnn`` / ``dlib_hog``: dlib's CNN (MMOD) or HOG detector with dlib's 5-point landmarks
+    (:mod:`~fairdiff_jax.attributes.dlib_detect`), the points dlib's face chip and face-recognition network use.
 
 Known limit: with several *simulated* CPU devices on few cores (``--xla_force_host_platform_device_count``),
 concurrent callbacks under ``shard_map`` / ``pmap`` can starve JAX's CPU copy threads and hang; on GPU hosts, or
@@ -25,16 +23,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from typing import ClassVar
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax.attributes.faces import FaceDetections
+from fairdiff_jax.attributes.dlib_detect import DLIB_DETECTORS, DlibFaceDetector
+from fairdiff_jax.attributes.host_detector import HostFaceDetector, clip_boxes, largest_box
 from fairdiff_jax.attributes.image_ops import ARCFACE_TEMPLATE_112
 from fairdiff_jax.errors import FairdiffError
 
-BACKENDS = ("haar", "yunet")
+BACKENDS = ("haar", "yunet")  # OpenCV's
+FACE_DETECTORS = ("none", *BACKENDS, *DLIB_DETECTORS)  # every value faces.detector accepts
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 _INSTALL = "pip install -e '.[faces]' (opencv-python-headless 4.x)"
 _local = threading.local()  # one OpenCV detector object per thread: they keep state and are not thread-safe
@@ -48,12 +47,6 @@ def _cv2():
     return cv2
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Images ``[B, H, W, 3]`` in [-1, 1] (any float dtype) -> uint8 RGB ``[B, H, W, 3]`` (rounded, clipped)."""
-    unit = (np.asarray(images, np.float32) + 1.0) * 127.5
-    return np.clip(np.rint(unit), 0, 255).astype(np.uint8)
-
-
 def landmarks_from_boxes(boxes: np.ndarray) -> np.ndarray:
     """Template landmarks ``[N, 5, 2]`` for boxes ``[N, 4]`` (x0, y0, x1, y1 edges): the 112x112 template scaled
     onto each box, pixel centre c of the template grid going to ``x0 + (c + 0.5) * w / 112 - 0.5``."""
@@ -62,12 +55,8 @@ def landmarks_from_boxes(boxes: np.ndarray) -> np.ndarray:
     return boxes[:, None, :2] + (ARCFACE_TEMPLATE_112[None] + 0.5) * size / 112.0 - 0.5
 
 
-def _largest(boxes: np.ndarray) -> int:
-    return int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
-
-
 @dataclasses.dataclass(frozen=True)
-class OpenCVFaceDetector:
+class OpenCVFaceDetector(HostFaceDetector):
     """The largest face per image from OpenCV, callable on JAX arrays (``jit``-safe through ``pure_callback``).
 
     Attributes:
@@ -86,6 +75,7 @@ class OpenCVFaceDetector:
     score_threshold: float = 0.6
     min_neighbors: int = 5
     scale_factor: float = 1.1
+    landmark_scheme: ClassVar[str] = "arcface"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -166,36 +156,19 @@ class OpenCVFaceDetector:
         boxes = np.concatenate([rows[:, :2], rows[:, :2] + rows[:, 2:4]], axis=1)
         return boxes, rows[:, 4:14].reshape(-1, 5, 2)
 
-    def detect_numpy(self, images: np.ndarray) -> FaceDetections:
-        """Host detection: images ``[B, H, W, 3]`` in [-1, 1] -> numpy FaceDetections of the largest face each."""
-        images = np.asarray(images)
-        batch, height, width = images.shape[:3]
-        whole = np.array([0.0, 0.0, width, height], np.float32)
-        boxes = np.broadcast_to(whole, (batch, 4)).copy()
-        landmarks = np.broadcast_to(landmarks_from_boxes(whole), (batch, 5, 2)).copy()
-        valid = np.zeros((batch,), bool)
-        for index, rgb in enumerate(to_uint8(images)):
-            found, points = self._faces(np.ascontiguousarray(rgb))
-            if len(found):
-                pick = _largest(found)
-                boxes[index] = found[pick]
-                landmarks[index] = points[pick] if points is not None else landmarks_from_boxes(found[pick])[0]
-                valid[index] = True
-        return FaceDetections(boxes, landmarks, valid)
+    def _largest_face(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        found, points = self._faces(rgb)
+        if not len(found):
+            return None
+        found = clip_boxes(found, *rgb.shape[:2])
+        pick = largest_box(found)
+        return found[pick], points[pick] if points is not None else landmarks_from_boxes(found[pick])[0]
 
-    # ------------------------------------------------------------------ JAX side
+    def _placeholder_landmarks(self, box: np.ndarray) -> np.ndarray:
+        return landmarks_from_boxes(box)[0]
 
-    def __call__(self, images: jax.Array) -> FaceDetections:
-        """images ``[B, H, W, 3]`` in [-1, 1] -> FaceDetections (boxes ``[B, 4]``, landmarks ``[B, 5, 2]``, valid
-        ``[B]``), computed on the host; no gradient flows through it."""
-        batch = images.shape[0]
-        shapes = FaceDetections(
-            jax.ShapeDtypeStruct((batch, 4), jnp.float32),
-            jax.ShapeDtypeStruct((batch, 5, 2), jnp.float32),
-            jax.ShapeDtypeStruct((batch,), jnp.bool_),
-        )
-        pixels = jax.lax.stop_gradient(images).astype(jnp.float32)
-        return jax.pure_callback(self.detect_numpy, shapes, pixels, vmap_method="sequential")
+
+FaceDetectorBackend = OpenCVFaceDetector | DlibFaceDetector
 
 
 def make_face_detector(
@@ -205,13 +178,16 @@ def make_face_detector(
     min_face_size: int = 32,
     score_threshold: float = 0.6,
     min_neighbors: int = 5,
-) -> OpenCVFaceDetector | None:
-    """The detector a config names (``faces.detector``): ``"none"`` -> None (the image is the face), ``"haar"`` or
-    ``"yunet"`` -> :class:`OpenCVFaceDetector`."""
+) -> FaceDetectorBackend | None:
+    """The detector a config names (``faces.detector``, one of :data:`FACE_DETECTORS`): ``"none"`` -> None (the
+    image is the face), ``"haar"`` / ``"yunet"`` -> :class:`OpenCVFaceDetector`, ``"dlib_cnn"`` / ``"dlib_hog"`` ->
+    :class:`~fairdiff_jax.attributes.dlib_detect.DlibFaceDetector` (``model_path`` overrides the CNN's weights)."""
+    if kind not in FACE_DETECTORS:
+        raise FairdiffError(f"faces.detector='{kind}' is unknown; choose one of {', '.join(FACE_DETECTORS)}")
     if kind == "none":
         return None
-    if kind not in BACKENDS:
-        raise FairdiffError(f"faces.detector='{kind}' is unknown; choose one of none, {', '.join(BACKENDS)}")
+    if kind in DLIB_DETECTORS:
+        return DlibFaceDetector(kind, model_path, min_face_size=int(min_face_size))
     return OpenCVFaceDetector(
         kind,
         model_path,
@@ -221,7 +197,7 @@ def make_face_detector(
     )
 
 
-def detector_from_config(faces_cfg) -> OpenCVFaceDetector | None:
+def detector_from_config(faces_cfg) -> FaceDetectorBackend | None:
     """``make_face_detector`` from a config's ``faces`` group (``cfg.faces``)."""
     return make_face_detector(
         str(faces_cfg.detector),

@@ -2,9 +2,10 @@
 
 A detector is any callable ``images [B, H, W, 3] in [-1, 1] -> FaceDetections`` describing the largest face of
 each image. Its output is wrapped in ``stop_gradient``; backends that run outside JAX (a host detector called
-through ``jax.pure_callback``) fit the same interface: ``detectors.OpenCVFaceDetector`` (Haar cascade or YuNet) is
-the real one. ``WholeImageDetector`` is the backend for attributes that are not facial and for the toy world: the
-face is the whole image.
+through ``jax.pure_callback``) fit the same interface: ``detectors.OpenCVFaceDetector`` (Haar cascade or YuNet) and
+``dlib_detect.DlibFaceDetector`` (dlib's CNN or HOG detector) are the real ones. ``WholeImageDetector`` is the backend
+for attributes that are not facial and for the toy world: the face is the whole image. A detector's
+``landmark_scheme`` (``"arcface"`` unless it says ``"dlib"``) decides which 5-point alignment the pipeline applies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from fairdiff_jax.attributes.face_chip import DLIB_CHIP_SIZE, extract_face_chips
 from fairdiff_jax.attributes.image_ops import ARCFACE_TEMPLATE_112, align_faces, crop_and_resize, expand_square_boxes
 
 
@@ -65,7 +67,8 @@ class FacePipeline:
       detector: the detection backend.
       crop_size: side of the attribute-classifier crop (224 in the paper).
       expand: the square box side is ``expand`` × the longer side of the detected box.
-      align_size: side of the 5-point aligned crop for the face embedding (112).
+      align_size: side of the 5-point aligned crop for the face embedding (112, ArcFace template); a detector with
+        dlib landmarks gives dlib's face chip instead (150, padding 0.25, as dlib's face-recognition network wants).
     """
 
     detector: Callable[[jax.Array], FaceDetections] = WholeImageDetector()
@@ -76,9 +79,23 @@ class FacePipeline:
     def detect(self, images: jax.Array) -> FaceDetections:
         return jax.tree_util.tree_map(jax.lax.stop_gradient, self.detector(jax.lax.stop_gradient(images)))
 
-    def __call__(self, images: jax.Array, *, aligned: bool = True) -> FaceCrops:
-        """images ``[B, H, W, 3]`` in [-1, 1] -> FaceCrops; gradients reach the pixels through both crops."""
-        detections = self.detect(images)
-        crops = crop_and_resize(images, expand_square_boxes(detections.boxes, self.expand), self.crop_size)
-        aligned_faces = align_faces(images, detections.landmarks, self.align_size) if aligned else None
+    def face_boxes(self, detections: FaceDetections) -> jax.Array:
+        """The square boxes ``[B, 4]`` the crops are taken from (the detected box expanded by ``expand``)."""
+        return expand_square_boxes(detections.boxes, self.expand)
+
+    def __call__(
+        self, images: jax.Array, *, aligned: bool = True, detections: FaceDetections | None = None
+    ) -> FaceCrops:
+        """images ``[B, H, W, 3]`` in [-1, 1] -> FaceCrops; gradients reach the pixels through both crops.
+        ``detections`` found earlier for these images (e.g. by the train step, which needs them too) skip detection."""
+        if detections is None:
+            detections = self.detect(images)
+        else:
+            detections = jax.tree_util.tree_map(jax.lax.stop_gradient, detections)
+        crops = crop_and_resize(images, self.face_boxes(detections), self.crop_size)
+        aligned_faces = None
+        if aligned and getattr(self.detector, "landmark_scheme", "arcface") == "dlib":
+            aligned_faces = extract_face_chips(images, detections.landmarks, DLIB_CHIP_SIZE)
+        elif aligned:
+            aligned_faces = align_faces(images, detections.landmarks, self.align_size)
         return FaceCrops(crops, aligned_faces, detections)

@@ -17,6 +17,7 @@ BUILTIN_COMMANDS = {
     "evaluate": ("fairdiff_jax.cli.evaluate", "main", "generate test images and write metrics.json / table.md"),
     "export": ("fairdiff_jax.cli.export", "main", "export a trained adaptor in diffusers formats"),
     "import": ("fairdiff_jax.cli.import_adaptor", "main", "import the paper authors' released .pth adaptors"),
+    "faces": ("fairdiff_jax.face_reference", "main", "face tools: build-reference embeds real faces for L_face"),
 }
 ENTRY_POINT_GROUP = "fairdiff_jax.commands"
 

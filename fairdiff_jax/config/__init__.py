@@ -21,8 +21,8 @@ from fairdiff_jax.config.schema import (
     parse_config_arg,
 )
 from fairdiff_jax.config.validate import (
-    refuse_unsupported_training,
     validate_config,
+    validate_face_training,
     validate_target,
 )
 
@@ -40,9 +40,9 @@ __all__ = [
     "parse_config_arg",
     "parse_value",
     "plain_config",
-    "refuse_unsupported_training",
     "split_overrides",
     "validate_config",
+    "validate_face_training",
     "validate_target",
     "write_resolved_config",
 ]

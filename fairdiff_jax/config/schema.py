@@ -37,11 +37,11 @@ def attribute(
 ) -> ConfigDict:
     """One ``attributes.<name>`` entry; ``target`` defaults to uniform over the classes.
 
-    ``factor2`` (the face-box damping of L_img's gradient) defaults to 1 = no damping, what the train step does
-    until the face terms are wired; the paper configs carry the paper's values and are refused at train time
-    until then (``config.refuse_unsupported``). ``cost_weights`` (``[K][K]``, row: target label, column: class;
-    empty = unweighted) scale the transport cost's probability differences, e.g. the authors' age weighting
-    ``((1, 1), (2, 1))`` (``alignment.targets.old_label_young_weight``).
+    ``factor2`` (the face-box damping of L_img's gradient, fairdiff_jax/alignment/face_box.py) defaults to 1 = no
+    damping; a smaller value needs a face detector (``faces.detector``). The paper configs carry the paper's values.
+    ``cost_weights`` (``[K][K]``, row: target label, column: class; empty = unweighted) scale the transport cost's
+    probability differences, e.g. the authors' age weighting ``((1, 1), (2, 1))``
+    (``alignment.targets.old_label_young_weight``).
     """
     classes = tuple(classes if classes is not None else CLASSES[name])
     target = tuple(float(t) for t in target) if target is not None else tuple(1.0 / len(classes) for _ in classes)
@@ -136,8 +136,10 @@ def base_config() -> ConfigDict:
         }
     )
     c.attributes = ConfigDict()
-    # The face-realism terms (lambda_face, face_keep_confidence, face_embedder_path, face_reference_path) are not
-    # wired yet: lambda_face = 0 is off, and any other value of the four is refused at train time.
+    # The face-realism loss L_face (fairdiff_jax/face_terms.py): lambda_face = 0 is off; > 0 needs a dlib face detector
+    # (faces.detector), a reference set of real faces (face_reference_path, `fairdiff faces build-reference`) and a
+    # face embedder (face_embedder_path; "" = dlib's ResNet from the faces extra). face_keep_confidence: the original
+    # classifier's probability above which the original face is the target (0.9; 0.8 gender x race; 0.75 with age).
     c.loss = ConfigDict(
         {
             "lambda_img": 8.0,
@@ -185,7 +187,9 @@ def base_config() -> ConfigDict:
     c.seed = 0
     c.parallel = ConfigDict({"mode": "shard_map", "distributed": False})
     # Largest-face detection for facial attributes (fairdiff_jax/attributes/detectors.py): "none" = the whole image
-    # is the face; "haar" = OpenCV's bundled cascade; "yunet" = OpenCV YuNet from the ONNX file model_path.
+    # is the face; "haar" = OpenCV's bundled cascade; "yunet" = OpenCV YuNet from the ONNX file model_path;
+    # "dlib_cnn" / "dlib_hog" = dlib's CNN / HOG detector with dlib's 5 landmarks (the faces extra; model_path may
+    # name another CNN .dat).
     c.faces = ConfigDict(
         {"detector": "none", "model_path": "", "min_face_size": 32, "score_threshold": 0.6, "min_neighbors": 5}
     )

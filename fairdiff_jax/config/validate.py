@@ -49,7 +49,7 @@ def _check_choices(cfg: ConfigDict) -> None:
     from fairdiff_jax import optim, parallel, sampling, schedules
     from fairdiff_jax.adaptors.soft_tokens import PROMPT_PADDINGS
     from fairdiff_jax.adaptors.spec import ADAPTOR_KINDS
-    from fairdiff_jax.attributes.detectors import BACKENDS
+    from fairdiff_jax.attributes.detectors import FACE_DETECTORS
     from fairdiff_jax.models.loader import DTYPES
 
     _choice(cfg, "adaptor.kind", ADAPTOR_KINDS)
@@ -62,7 +62,7 @@ def _check_choices(cfg: ConfigDict) -> None:
     _choice(cfg, "data.prompt_padding", PROMPT_PADDINGS)
     _choice(cfg, "parallel.mode", parallel.MODES)
     _choice(cfg, "train.lr_schedule", optim.LR_SCHEDULES)
-    _choice(cfg, "faces.detector", ("none", *BACKENDS))
+    _choice(cfg, "faces.detector", FACE_DETECTORS)
 
 
 def _check_ranges(cfg: ConfigDict) -> None:
@@ -83,6 +83,8 @@ def _check_ranges(cfg: ConfigDict) -> None:
     lo_hi = tuple(cfg.sampler.train_steps)
     if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
         raise FairdiffError(f"sampler.train_steps={lo_hi} must be (min, max) with 1 <= min <= max, e.g. (19, 23)")
+    if not cfg.loss.lambda_face >= 0.0:
+        raise FairdiffError(f"loss.lambda_face={cfg.loss.lambda_face} must be >= 0 (0 turns the face-realism loss off)")
     for group, key in (("loss", "confidence"), ("loss", "face_keep_confidence"), ("adaptor", "ema_decay")):
         if not 0.0 <= cfg[group][key] <= 1.0:
             raise FairdiffError(f"config {group}.{key}={cfg[group][key]} must lie in [0, 1]")
@@ -145,37 +147,17 @@ def validate_config(cfg: ConfigDict) -> None:
     validate_world(cfg)
 
 
-# Keys the config accepts whose feature is not built yet: a non-default value is refused where it would be read.
-_FACE_TERMS = {
-    "loss.lambda_face": 0.0,
-    "loss.face_keep_confidence": 0.9,
-    "loss.face_embedder_path": "",
-    "loss.face_reference_path": "",
-}
+def validate_face_training(cfg: ConfigDict) -> None:
+    """Train-time checks of the face terms that need no model (one line each): L_face needs a reference set, and the
+    world must detect faces with the landmarks the embedder needs (the world's ``check_training``)."""
+    from fairdiff_jax.worlds import check_world_training
 
-
-def refuse_unsupported_training(cfg: ConfigDict) -> None:
-    """Refuse, in one line, training settings the train step cannot honour yet (the face-realism terms and the
-    face-box damping factor2), instead of silently training without them."""
-    set_keys = [k for k, default in _FACE_TERMS.items() if _get(cfg, k) != default]
-    set_keys += [f"attributes.{n}.factor2" for n in sorted(cfg.attributes) if cfg.attributes[n].factor2 != 1.0]
-    if set_keys:
-        fixes = " ".join(f"--config.{k}={_neutral(k)}" for k in set_keys)
+    check_world_training(cfg)
+    if cfg.loss.lambda_face > 0 and not cfg.loss.face_reference_path:
         raise FairdiffError(
-            f"{', '.join(f'{k}={_get(cfg, k)!r}' for k in set_keys)}: the face-realism loss and the face-box damping "
-            f"are not supported yet; train without them with {fixes}"
+            f"loss.lambda_face={cfg.loss.lambda_face} needs a reference set of real faces: build one with `fairdiff "
+            "faces build-reference --images DIR --classifier CLS --out FILE` and set "
+            "--config.loss.face_reference_path=FILE (or --config.loss.lambda_face=0 to train without L_face)"
         )
 
 
-def _get(cfg: ConfigDict, key: str):
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
-    return value
-
-
-def _neutral(key: str):
-    if key.endswith("factor2"):
-        return 1.0
-    default = _FACE_TERMS[key]
-    return "''" if default == "" else default

@@ -100,6 +100,8 @@ def markdown_report(metrics: Mapping, attributes: Sequence[str]) -> str:
         "½ Σ |freq − target| (0 when every prompt follows the target; for a non-uniform target read it, not the "
         "bias, which is not 0 for a perfect model).",
         "",
+        "Face terms: " + metrics.get("face_terms", "off") + " (they act on detected faces of real photographs).",
+        "",
         f"Occupation-cue accuracy (semantics preserved): {before['cue_accuracy']:.3f} before, "
         f"{after['cue_accuracy']:.3f} after (held out: {before['held_out']['cue_accuracy']:.3f} → "
         f"{after['held_out']['cue_accuracy']:.3f}).",

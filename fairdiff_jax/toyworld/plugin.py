@@ -18,6 +18,17 @@ def validate(cfg) -> None:
         )
 
 
+def check_training(cfg) -> None:
+    """The toy world's 8x8 pictures have no faces: L_face and factor2 stay off (one line otherwise)."""
+    from fairdiff_jax.face_terms import face_terms_requested
+
+    if face_terms_requested(cfg):
+        raise FairdiffError(
+            "the toy world has no faces, so the face terms cannot be used there; train with "
+            "--config.loss.lambda_face=0 and --config.attributes.<name>.factor2=1"
+        )
+
+
 def build(cfg) -> World:
     """The shipped (or ``$FAIRDIFF_TOY_WORLD``, or ``model.path``) toy world, scored for ``cfg``'s attributes."""
     from fairdiff_jax.toyworld import build as toy_build
@@ -50,4 +61,4 @@ def build(cfg) -> World:
     )
 
 
-TOY_WORLD = WorldPlugin(build=build, validate=validate)
+TOY_WORLD = WorldPlugin(build=build, validate=validate, check_training=check_training)

@@ -1,8 +1,9 @@
 """Worlds: the model families a run can be built on, chosen by name (``config.model.world``).
 
 A world supplies what differs between model families: the model folder, the attribute classifier, the semantic
-feature extractors and, optionally, its own prompt splits. ``stable_diffusion`` (a diffusers-format folder with
-classifier folders and CLIP / DINO encoders from the config) is built in; plug-ins add names with
+feature extractors and, optionally, its own prompt splits and a face detector (for the face terms).
+``stable_diffusion`` (a diffusers-format folder with classifier folders and CLIP / DINO encoders from the config) is
+built in; plug-ins add names with
 :func:`register_world` or through the ``fairdiff_jax.worlds`` entry-point group (as the embedded toy world does),
 the way big_vision picks ``models.{name}``.
 """
@@ -38,14 +39,21 @@ class World:
     feature_fns: tuple[FeatureFn, ...] = ()
     feature_params: tuple[Any, ...] = ()
     prompts: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+    # the face terms (fairdiff_jax.face_terms): the detector the facial classifiers use (None: this world has no
+    # faces, so L_face and factor2 stay off) and the expansion of its box into the classifier's face crop; the
+    # classifier then also takes ``detections=`` (faces found earlier for the same images)
+    face_detector: Any = None
+    face_box_expand: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class WorldPlugin:
-    """A registered world: ``build(cfg) -> World`` and ``validate(cfg)`` (cheap checks at config load)."""
+    """A registered world: ``build(cfg) -> World``, ``validate(cfg)`` (cheap checks at config load) and
+    ``check_training(cfg)`` (cheap checks of training-only settings, e.g. whether the face terms can work here)."""
 
     build: Callable[[Any], World]
     validate: Callable[[Any], None] = lambda cfg: None
+    check_training: Callable[[Any], None] = lambda cfg: None
 
 
 _REGISTRY: dict[str, WorldPlugin] = {}
@@ -83,9 +91,23 @@ def validate_world(cfg) -> None:
     get_world(cfg.model.world).validate(cfg)
 
 
+def check_world_training(cfg) -> None:
+    """The world's checks of training-only settings (before anything is loaded)."""
+    get_world(cfg.model.world).check_training(cfg)
+
+
 def build_world(cfg) -> World:
     """The :class:`World` of ``cfg.model.world``."""
     return get_world(cfg.model.world).build(cfg)
 
 
-__all__ = ["Classifier", "FeatureFn", "World", "WorldPlugin", "build_world", "get_world", "register_world"]
+__all__ = [
+    "Classifier",
+    "FeatureFn",
+    "World",
+    "WorldPlugin",
+    "build_world",
+    "check_world_training",
+    "get_world",
+    "register_world",
+]

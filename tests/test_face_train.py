@@ -193,7 +193,11 @@ def test_the_gradient_change_is_lambda_face_times_its_gradient(tiny_sd_path, fac
     want = jax.jit(jax.grad(face_only))(state.params)
     difference = jax.tree.map(jnp.subtract, grad_on, grad_off)
     assert _norm(want) > 1e-3 * _norm(grad_off)  # L_face changes the gradient, visibly
-    assert _norm(jax.tree.map(jnp.subtract, difference, want)) <= 1e-3 * _norm(want)
+    # dlib's ResNet (ReLUs, a max pool, 29 convolutions) is kinked: moving its input images by 1e-7 moves its float32
+    # gradient by about 0.2 % (measured on 64x64 random images), and the train step and this function are compiled
+    # apart, so their images agree only to rounding (measured: 0.34 % here). The one-block embedder has no such kinks.
+    tolerance = 1e-2 if embedder == "dlib" else 1e-3
+    assert _norm(jax.tree.map(jnp.subtract, difference, want)) <= tolerance * _norm(want)
 
 
 @pytest.mark.slow

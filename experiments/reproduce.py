@@ -206,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--clip", default="", help="local CLIP folder for the semantic loss")
     parser.add_argument("--dino", default="", help="local DINOv2 folder for the semantic loss")
+    parser.add_argument(
+        "--face-reference",
+        default="",
+        help="reference set of real faces for L_face ('fairdiff faces build-reference'); the paper's rows need it",
+    )
     parser.add_argument("--eval-clip", default="", help="local CLIPModel folder for the CLIP-T / CLIP-I columns")
     parser.add_argument("--eval-dino", default="", help="local DINOv2 folder for the DINO column")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the paper's)")
@@ -225,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"--config.model.path={args.sd}",
         f"--config.loss.clip_path={args.clip}",
         f"--config.loss.dino_path={args.dino}",
+        f"--config.loss.face_reference_path={args.face_reference}",
         f"--config.eval.clip_path={args.eval_clip}",
         f"--config.eval.dino_path={args.eval_dino}",
     ]

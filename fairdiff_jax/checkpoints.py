@@ -47,7 +47,7 @@ class _OrbaxReadTaskFilter(logging.Filter):
 
 def _quiet_closed_event_loop() -> None:
     """Drop the "RuntimeError: Event loop is closed" tracebacks that tensorstore's callbacks print (through
-    ``sys.excepthook``) after orbax fails to read a damaged checkpoint, and asyncio's reports of the failed read
+    ``sys.excepthook`` or, from tensorstore's threads, ``sys.unraisablehook``) after orbax fails to read a damaged checkpoint, and asyncio's reports of the failed read
     tasks; every other exception is printed as usual."""
     import sys
 
@@ -61,8 +61,16 @@ def _quiet_closed_event_loop() -> None:
             return
         previous(kind, value, traceback)
 
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable(report):  # the same error raised in tensorstore's own threads reaches Python as unraisable
+        if report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed":
+            return
+        previous_unraisable(report)
+
     hook._fairdiff_quiet = True
     sys.excepthook = hook
+    sys.unraisablehook = unraisable
 
 
 def _tree_bytes(*trees: Any) -> int:

@@ -42,7 +42,7 @@ def scoring_classifier(cfg, run) -> Scoring:
     eval_cfg = copy.deepcopy(cfg)
     for name, path in separate.items():
         eval_cfg.attributes[name].classifier = path
-    classifier, params = load_classifier(eval_cfg, names)
+    classifier, params, _ = load_classifier(eval_cfg, names)  # it finds the faces itself
     return Scoring(
         classifier, params, {n: f"eval_classifier {separate[n]}" if n in separate else TRAINING for n in names}
     )

@@ -38,4 +38,3 @@ def scale_face_box_gradient(
     factors = jax.lax.stop_gradient(jnp.asarray(factors, jnp.float32))
     scale = jnp.where(inside, factors[:, None, None], 1.0)
     return scale_gradient(images, scale[..., None].astype(images.dtype))
-

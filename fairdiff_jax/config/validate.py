@@ -159,5 +159,3 @@ def validate_face_training(cfg: ConfigDict) -> None:
             "faces build-reference --images DIR --classifier CLS --out FILE` and set "
             "--config.loss.face_reference_path=FILE (or --config.loss.lambda_face=0 to train without L_face)"
         )
-
-

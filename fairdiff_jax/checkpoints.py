@@ -47,8 +47,8 @@ class _OrbaxReadTaskFilter(logging.Filter):
 
 def _quiet_closed_event_loop() -> None:
     """Drop the "RuntimeError: Event loop is closed" tracebacks that tensorstore's callbacks print (through
-    ``sys.excepthook`` or, from tensorstore's threads, ``sys.unraisablehook``) after orbax fails to read a damaged checkpoint, and asyncio's reports of the failed read
-    tasks; every other exception is printed as usual."""
+    ``sys.excepthook`` or, from tensorstore's own threads, ``sys.unraisablehook``) after orbax fails to read a damaged
+    checkpoint, and asyncio's reports of the failed read tasks; every other exception is printed as usual."""
     import sys
 
     previous = sys.excepthook

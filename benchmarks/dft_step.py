@@ -6,11 +6,13 @@ classifier-free guidance from the same noise and embeddings, decode with the VAE
 adjusted gradient (U-Net input detached; the guided eps's gradient multiplied by the normalised c_i;
 every step checkpointed). Prints the median times, their ratio and the gradients' relative error.
 
-The JAX variants (``--conv``: the convolution-gradient modes of ``fairdiff_jax.models.conv``) and PyTorch
-are timed in turn, one repeat of each per round, so a drifting machine load affects them alike.
+The JAX variants (every pair of ``--conv``, the convolution-gradient modes of ``fairdiff_jax.models.conv``, and
+``--attention``, the implementations of ``fairdiff_jax.models.attention``) and PyTorch are timed in turn, one
+repeat of each per round, so a drifting machine load affects them alike. PyTorch visits the timesteps that
+diffusers' ``DPMSolverMultistepScheduler`` sets from the folder's scheduler config; the run stops if JAX's differ.
 
     python benchmarks/dft_step.py [--model DIR] [--batch 8] [--steps 10] [--repeats 5] [--unroll]
-        [--conv canonical stock] [--attention auto] [--threads 1]
+        [--conv canonical stock] [--attention matmul xla] [--threads 1] [--cpu-devices 2]
 """
 
 from __future__ import annotations
@@ -32,25 +34,35 @@ def sd_alphas_cumprod(settings) -> np.ndarray:
     return np.asarray(settings.alphas_cumprod(), dtype=np.float64)
 
 
-def dpm_plan(alpha_bar: np.ndarray, num_steps: int, steps_offset: int):
-    """Timesteps ("leading" spacing), first-order flags and normalised c_i of a DPM-Solver++ 2M run (PyTorch side)."""
-    ratio = len(alpha_bar) // (num_steps + 1)
-    timesteps = [(num_steps - k) * ratio + steps_offset for k in range(num_steps)]
+def dpm_plan(scheduler_folder: str, alpha_bar: np.ndarray, num_steps: int):
+    """Timesteps, first-order flags and normalised c_i of a DPM-Solver++ 2M run (PyTorch side).
+
+    The timesteps are the ones PyTorch diffusers' ``DPMSolverMultistepScheduler`` visits when built from the
+    folder's ``scheduler_config.json`` (its own default spacing, as a pipeline swapping in that solver gets
+    them), so the JAX side's spacing is checked against diffusers rather than against a copy of itself.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(scheduler_folder, final_sigmas_type="sigma_min")
+    scheduler.set_timesteps(num_steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
     betas = 1.0 - alpha_bar / np.concatenate([[1.0], alpha_bar[:-1]])
     raw = np.array([np.sqrt(alpha_bar[t] * (1 - alpha_bar[t])) / betas[t] for t in timesteps])
     scales = raw / np.exp(np.log(raw).mean())
-    first_order = [i == 0 or (i == num_steps - 1 and num_steps < 15) for i in range(num_steps)]
+    lower_order_final = scheduler.config.lower_order_final and num_steps < 15
+    first_order = [i == 0 or (i == num_steps - 1 and lower_order_final) for i in range(num_steps)]
     return timesteps, first_order, scales
 
 
-def torch_dft_gradient(torch, unet, vae, scale, noise, cond, uncond, weights, alpha_bar, num_steps, offset, gs):
+def torch_dft_gradient(torch, unet, vae, scale, noise, cond, uncond, weights, alpha_bar, plan, gs):
     """Adjusted DFT gradient in PyTorch; returns (d/d cond, {param name: grad})."""
     from torch.utils.checkpoint import checkpoint
 
     alpha = np.sqrt(alpha_bar)
     sigma = np.sqrt(1.0 - alpha_bar)
     lam = np.log(alpha) - np.log(sigma)
-    timesteps, first_order, scales = dpm_plan(alpha_bar, num_steps, offset)
+    timesteps, first_order, scales = plan
+    num_steps = len(timesteps)
     cond = cond.clone().requires_grad_(True)
     unet.zero_grad(set_to_none=True)
     batch = noise.shape[0]
@@ -96,11 +108,31 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--conv", nargs="+", default=["auto"], help="JAX convolution-gradient modes to time (auto, canonical, stock)"
     )
-    parser.add_argument("--attention", default="auto", help="JAX attention implementation (auto, xla, chunked, stock)")
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["auto"],
+        help="JAX attention implementations to time (auto, matmul, xla, chunked, stock); every pair with --conv",
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="1: both sides single-threaded (steadier on a shared machine)"
     )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="N > 1: split the host into N JAX CPU devices and shard the batch over them (data parallel, as the "
+        "trainer does over any mesh); PyTorch keeps its intra-op threads. Must divide --batch.",
+    )
     args = parser.parse_args(argv)
+    if args.cpu_devices < 1 or args.batch % args.cpu_devices:
+        parser.error(f"--cpu-devices must be >= 1 and divide --batch {args.batch} (got {args.cpu_devices})")
+    if args.cpu_devices > 1:  # before JAX starts its CPU client
+        if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+            parser.error("XLA_FLAGS already sets --xla_force_host_platform_device_count; drop it or --cpu-devices")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}"
+        )
     if args.threads == 1:  # before JAX starts its CPU client
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -113,7 +145,7 @@ def main(argv=None) -> int:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from fairdiff_jax import sampling
+    from fairdiff_jax import sampling, schedules
     from fairdiff_jax.models import load_stable_diffusion, write_tiny_sd_folder
     from fairdiff_jax.models.attention import attention_implementation
     from fairdiff_jax.models.conv import canonical_conv_gradients
@@ -155,19 +187,37 @@ def main(argv=None) -> int:
         images = sampling.decode_latents(sd.vae, sd.vae_params, latents, sd.vae_scaling_factor)
         return jnp.sum(weights * images)
 
-    jax_inputs = (sd.unet_params, jnp.asarray(cond), jnp.asarray(uncond), jnp.asarray(noise), jnp.asarray(weights))
+    if jax.default_backend() == "cpu" and jax.device_count() != args.cpu_devices:
+        raise SystemExit(f"JAX sees {jax.device_count()} CPU devices, --cpu-devices asked for {args.cpu_devices}")
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))  # automatic sharding propagation
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jax_inputs = (
+        jax.device_put(sd.unet_params, whole),
+        jax.device_put(jnp.asarray(cond), rows),
+        jax.device_put(jnp.asarray(uncond), whole),
+        jax.device_put(jnp.asarray(noise), rows),
+        jax.device_put(jnp.asarray(weights), rows),
+    )
     compiled = {}
     for mode in args.conv:
-        start = time.perf_counter()
-        with canonical_conv_gradients(mode), attention_implementation(args.attention):
-            compiled[mode] = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*jax_inputs).compile()
-        compile_s = time.perf_counter() - start
-        temp_mb = compiled[mode].memory_analysis().temp_size_in_bytes / 2**20
-        print(f"jax conv gradients '{mode}': compile {compile_s:.1f} s, temp {temp_mb:.1f} MiB", flush=True)
-        jax_grads = jax.block_until_ready(compiled[mode](*jax_inputs))  # warm-up
+        for attention in args.attention:
+            variant = f"conv '{mode}', attention '{attention}'"
+            start = time.perf_counter()
+            with canonical_conv_gradients(mode), attention_implementation(attention):
+                grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*jax_inputs).compile()
+            compile_s = time.perf_counter() - start
+            temp_mb = grad_fn.memory_analysis().temp_size_in_bytes / 2**20
+            print(f"jax {variant}: compile {compile_s:.1f} s, temp {temp_mb:.1f} MiB", flush=True)
+            jax_grads = jax.block_until_ready(grad_fn(*jax_inputs))  # warm-up
+            compiled[variant] = grad_fn
 
     # ---- PyTorch
     alpha_bar = sd_alphas_cumprod(sd.scheduler)
+    plan = dpm_plan(os.path.join(folder, "scheduler"), alpha_bar, args.steps)
+    jax_timesteps = [int(t) for t in schedules.timesteps_for(schedule, args.steps)]
+    if jax_timesteps != plan[0]:
+        raise SystemExit(f"timesteps differ: jax {jax_timesteps}, diffusers {plan[0]}")
     torch_args = (
         torch,
         unet_pt,
@@ -178,20 +228,19 @@ def main(argv=None) -> int:
         torch.from_numpy(uncond),
         torch.from_numpy(weights),
         alpha_bar,
-        args.steps,
-        sd.scheduler.steps_offset,
+        plan,
         args.guidance,
     )
     torch_dft_gradient(*torch_args)  # warm-up
 
     # ---- timed in turn: one repeat of every JAX variant, then of PyTorch, per round
-    jax_times = {mode: [] for mode in compiled}
+    jax_times = {variant: [] for variant in compiled}
     torch_times = []
     for _ in range(args.repeats):
-        for mode, grad_fn in compiled.items():
+        for variant, grad_fn in compiled.items():
             start = time.perf_counter()
             jax_grads = jax.block_until_ready(grad_fn(*jax_inputs))
-            jax_times[mode].append(time.perf_counter() - start)
+            jax_times[variant].append(time.perf_counter() - start)
         start = time.perf_counter()
         cond_grad_pt, param_grads_pt = torch_dft_gradient(*torch_args)
         torch_times.append(time.perf_counter() - start)
@@ -212,17 +261,21 @@ def main(argv=None) -> int:
         f"model {folder}: batch {args.batch}, {size}x{size} latents, {args.steps} DPM-Solver++ steps, "
         f"CFG {args.guidance}"
     )
-    print(f"jax scan unroll: {'full' if args.unroll else 1}, attention '{args.attention}'")
-    print(f"devices: jax {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}")
-    for mode, times in jax_times.items():
+    print(f"jax scan unroll: {'full' if args.unroll else 1}")
+    print(f"timesteps (diffusers' DPMSolverMultistepScheduler, as JAX visits them): {plan[0]}")
+    print(
+        f"devices: jax {jax.devices()[0].platform} x{jax.device_count()} (batch sharded), "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    for variant, times in jax_times.items():
         jax_ms = 1e3 * statistics.median(times)
         print(
-            f"jax   adjusted DFT gradient, conv '{mode}': {jax_ms:9.1f} ms (median of {args.repeats}); "
+            f"jax   adjusted DFT gradient, {variant}: {jax_ms:9.1f} ms (median of {args.repeats}); "
             f"torch / jax {torch_ms / jax_ms:.2f}"
         )
     print(f"torch adjusted DFT gradient: {torch_ms:9.1f} ms (median of {args.repeats})")
     print(
-        f"gradient relative error (torch vs jax '{args.conv[-1]}'): U-Net params {param_err:.2e}, "
+        f"gradient relative error (torch vs jax {list(compiled)[-1]}): U-Net params {param_err:.2e}, "
         f"cond embedding {cond_err:.2e}"
     )
     return 0

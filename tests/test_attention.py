@@ -14,7 +14,7 @@ from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.models import attention
 from fairdiff_jax.models.attention import attention_implementation
 
-IMPLEMENTATIONS = ["xla", "chunked", "auto"]
+IMPLEMENTATIONS = ["xla", "chunked", "matmul", "auto"]
 
 
 def _random(shape, seed):
@@ -122,6 +122,23 @@ def test_chunked_causal_attention_equals_masked_reference_float64():
         probs /= probs.sum(-1, keepdims=True)
         # float32 softmax inside jax.nn.dot_product_attention
         np.testing.assert_allclose(got, np.einsum("bnts,bsnh->btnh", probs, v), rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_attention_gradient_matches_finite_differences_float64():
+    """The hand-written backward of the ``matmul`` implementation against central finite differences (float64),
+    with a causal and a padding mask, and its output against ``jax.nn.dot_product_attention``'s XLA path."""
+    from jax.test_util import check_grads
+
+    with jax.enable_x64(True):
+        query, key, value = _random((2, 5, 3, 4), 10), _random((2, 5, 3, 4), 11), _random((2, 5, 3, 4), 12)
+        mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)[:, None, None, :]
+
+        def matmul(q, k, v):
+            return attention.attend(q, k, v, mask=mask, is_causal=True, implementation="matmul")
+
+        reference = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True, implementation="xla")
+        np.testing.assert_allclose(matmul(query, key, value), reference, rtol=1e-6, atol=1e-7)
+        check_grads(matmul, (query, key, value), order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
 def test_patched_unet_routes_through_attend(tiny_sd, monkeypatch):

@@ -71,3 +71,25 @@ def test_demo_writes_the_report(tiny_toy_world, tmp_path, monkeypatch, capsys, a
     (key,) = os.listdir(tmp_path / "cache" / "toy_base_eval")
     stored = sorted(os.listdir(tmp_path / "cache" / "toy_base_eval" / key / "debiased"))
     assert stored == [f"prompt_{i:04d}.npz" for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    "images, cores, flags, expected",
+    [
+        ((8, 200, 200), 2, "", 2),  # the demo on two cores
+        ((8, 200, 200), 16, "", 8),  # the largest count up to the cores that divides every run's images
+        ((6, 9), 4, "", 3),
+        ((7, 200), 2, "", 0),  # 7 images cannot split: one device, nothing set
+        ((8, 200), 1, "", 0),
+        ((8, 200), 2, "--xla_force_host_platform_device_count=4", 0),  # the user's own count is kept
+    ],
+)
+def test_demo_spreads_over_cpu_cores(monkeypatch, images, cores, flags, expected):
+    from fairdiff_jax.toyworld.demo_cli import spread_over_cpu_cores
+
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert spread_over_cpu_cores(images, cores) == expected
+    if expected:
+        assert os.environ["XLA_FLAGS"].split() == [f"--xla_force_host_platform_device_count={expected}"]
+    else:
+        assert os.environ["XLA_FLAGS"] == flags

@@ -5,11 +5,14 @@ for each 64x64 self-attention layer, kept for the backward). :func:`attend` comp
 ``jax.nn.dot_product_attention`` with one of these implementations:
 
   ``auto``     cuDNN flash attention on a GPU where it applies (bfloat16 / float16, head dim a multiple of 8),
-               otherwise ``chunked`` for long queries and ``xla`` for short ones;
+               otherwise ``chunked`` for long queries; short ones ``matmul`` on a CPU and ``xla`` elsewhere;
   ``xla``      ``jax.nn.dot_product_attention``'s XLA path (scores materialised, softmax in float32);
   ``cudnn``    cuDNN flash attention (GPU only; raises where cuDNN cannot run it);
   ``chunked``  the XLA path over query chunks of ``query_chunk`` rows, each rematerialised, so the backward
                holds one chunk's scores (the CPU/TPU fallback for memory);
+  ``matmul``   two batched matmuls in head-major layout with a hand-written backward that keeps the softmax
+               probabilities (``dS = P * (dP - rowsum(dP * P))``): on XLA:CPU the autodiff of the ``xla`` path
+               transposes inside the backward, and this saves that time at the same memory;
   ``stock``    the modules' own code, unchanged.
 
 The module classes below subclass the originals (same parameters and names) and are swapped in by
@@ -40,7 +43,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "stock")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "matmul", "stock")
 _settings = {"implementation": "auto", "query_chunk": 256}
 
 
@@ -99,6 +102,52 @@ def _chunked(query, key, value, mask, is_causal: bool, scale: float, chunk: int)
     return jnp.moveaxis(out, 0, 1).reshape(batch, length, heads, value.shape[-1])
 
 
+def _softmax_dtype(dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)  # float32 at least, as jax.nn.dot_product_attention
+
+
+@jax.custom_vjp
+def _matmul_core(query, key, value, bias):
+    """``softmax(q k^T + bias) v`` on head-major ``[B,N,T,H]`` inputs (``q`` already scaled)."""
+    return _matmul_forward(query, key, value, bias)[0]
+
+
+def _matmul_forward(query, key, value, bias):
+    scores = jnp.einsum("bnth,bnsh->bnts", query, key, preferred_element_type=_softmax_dtype(query.dtype))
+    probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
+    out = jnp.einsum("bnts,bnsh->bnth", probs.astype(value.dtype), value)
+    return out, (query, key, value, probs, bias)
+
+
+def _matmul_backward(residuals, d_out):
+    query, key, value, probs, bias = residuals
+    d_value = jnp.einsum("bnts,bnth->bnsh", probs.astype(d_out.dtype), d_out)
+    d_probs = jnp.einsum("bnth,bnsh->bnts", d_out, value, preferred_element_type=probs.dtype)
+    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+    d_scores = d_scores.astype(query.dtype)
+    d_query = jnp.einsum("bnts,bnsh->bnth", d_scores, key)
+    d_key = jnp.einsum("bnts,bnth->bnsh", d_scores, query)
+    return d_query, d_key, d_value, None if bias is None else jnp.zeros_like(bias)
+
+
+_matmul_core.defvjp(_matmul_forward, _matmul_backward)
+
+
+def _matmul(query, key, value, mask, is_causal: bool, scale: float) -> jax.Array:
+    """Attention as two head-major batched matmuls with the hand-written backward of :func:`_matmul_core`."""
+    if is_causal:
+        causal = jnp.arange(query.shape[1])[:, None] >= jnp.arange(key.shape[1])[None, :]
+        mask = causal[None, None] if mask is None else jnp.logical_and(mask, causal[None, None])
+    bias = None
+    if mask is not None:  # a large finite negative (not -inf) keeps fully masked rows finite, as jax.nn does
+        bias = jnp.where(mask, 0.0, 0.7 * jnp.finfo(_softmax_dtype(query.dtype)).min).astype(
+            _softmax_dtype(query.dtype)
+        )
+    heads_first = (0, 2, 1, 3)
+    q, k, v = (jnp.transpose(x, heads_first) for x in (query * jnp.asarray(scale, query.dtype), key, value))
+    return jnp.transpose(_matmul_core(q, k, v, bias), heads_first)
+
+
 def attend(
     query: jax.Array,
     key: jax.Array,
@@ -132,7 +181,10 @@ def attend(
                         f"({err}); use attention implementation 'auto' or 'chunked'."
                     ) from err
                 log.debug("cuDNN attention unavailable for %s: %s", query.shape, err)
-        implementation = "chunked"
+        short = math.ceil(query.shape[1] / _settings["query_chunk"]) == 1
+        implementation = "matmul" if short and jax.default_backend() == "cpu" else "chunked"
+    if implementation == "matmul":
+        return _matmul(query, key, value, mask, is_causal, scale)
     if implementation == "chunked":
         return _chunked(query, key, value, mask, is_causal, scale, _settings["query_chunk"])
     return jax.nn.dot_product_attention(

@@ -6,13 +6,36 @@ Arguments -> :func:`fairdiff_jax.toyworld.demo.run_demo`; every ``--config.*`` o
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 
 from fairdiff_jax.adaptors.spec import ADAPTOR_KINDS
 from fairdiff_jax.config import split_overrides
 from fairdiff_jax.logs import setup_logging
-from fairdiff_jax.toyworld.demo import run_demo
+from fairdiff_jax.toyworld.demo import demo_config, run_demo
+
+HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def spread_over_cpu_cores(images_per_prompt: Sequence[int], cores: int | None = None) -> int:
+    """Split the host into as many JAX CPU devices as there are cores (at most), before JAX starts its CPU client.
+
+    XLA:CPU runs the demo's small convolutions and matmuls on one core at a time, so one device leaves the
+    other cores idle; the trainer and the evaluator shard images over every device (data parallel, same
+    numbers up to float32 reduction order). The count is the largest ``d <= cores`` dividing every entry of
+    ``images_per_prompt`` (each run's images must split evenly). Returns the count set, or 0 when nothing
+    was changed (``XLA_FLAGS`` already sets one, or one core). Has no effect once JAX has made its CPU client.
+    """
+    if HOST_DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return 0
+    cores = cores or len(os.sched_getaffinity(0))
+    common = math.gcd(*[int(n) for n in images_per_prompt])
+    count = max(d for d in range(1, max(cores, 1) + 1) if common % d == 0)
+    if count < 2:
+        return 0
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICE_FLAG}={count}".strip()
+    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,13 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(rest)
     setup_logging()
-    metrics = run_demo(
-        args.workdir,
-        args.adaptor,
-        [f"--config.{k}={v}" for k, v in pairs],
-        attributes=[a for a in args.attributes.split("+") if a],
-        progress=not args.no_progress,
-    )
+    attributes = [a for a in args.attributes.split("+") if a]
+    overrides = [f"--config.{k}={v}" for k, v in pairs]
+    cfg = demo_config(args.adaptor, attributes, overrides)
+    spread_over_cpu_cores([cfg.train.images_per_prompt, cfg.eval.images_per_prompt, cfg.eval.batch_size])
+    metrics = run_demo(args.workdir, args.adaptor, overrides, attributes=attributes, progress=not args.no_progress)
     before, after = metrics["before"], metrics["after"]
     for name in metrics["targets"]:
         print(

@@ -2,7 +2,7 @@
 
     python experiments/toy_tables.py --root runs/toy_tables [--kinds text_lora unet_lora soft_tokens unet_oft] \\
         [--methods ethical_intervention debiasvl uce fair_diffusion] [--targets gender race gender+race] \\
-        [--modes exact adjusted detached] [--config.num_steps=200 ...]
+        [--modes exact adjusted detached] [--seeds 0 1 2] [--config.num_steps=200 ...]
 
 Table 1 (toy): the original toy model, the baselines (``fairdiff_jax.baselines``, settings from
 ``--config.baselines.NAME.*``), then one run per (debiased attribute set, adaptor kind), each evaluated for gender,
@@ -12,9 +12,14 @@ the semantics column (the toy stand-in for CLIP-T). The toy text encoder was tra
 text-encoder LoRA for gender with the exact, the adjusted and the detached gradient (DESIGN.md §1.1) and plots
 their loss and gradient-norm curves beside the final bias, as the paper's project page does for Stable Diffusion.
 
-Every run lives in ``ROOT/<name>``; a finished run is reused (``row.json``), an interrupted one resumes from its
-checkpoint. Extra ``--config.*`` overrides apply to every run. Output: ``ROOT/toy_tables.md``,
-``ROOT/ablation_curves.png``.
+Trained rows (adaptors and the ablation) run once per ``--seeds`` entry (``config.seed``: the adaptor's
+initialisation, the training noise and the prompt order; the evaluation noise stays fixed). A row with several
+seeds reports the mean of their biases ± its standard deviation over seeds; a row with one seed (and the
+untrained rows: original, baselines) the mean over occupations ± its standard deviation over occupations.
+
+Every run lives in ``ROOT/<name>`` (``<name>_seed<S>`` for seeds other than 0); a finished run is reused
+(``row.json``), an interrupted one resumes from its checkpoint. Extra ``--config.*`` overrides apply to every
+run. Output: ``ROOT/toy_tables.md``, ``ROOT/ablation_curves.png``.
 """
 
 from __future__ import annotations
@@ -92,16 +97,24 @@ def original_row(root: str, overrides: Sequence[str], progress: bool) -> dict:
     return row
 
 
-def run_row(root: str, kind: str, target: str, mode: str, overrides: Sequence[str], progress: bool) -> tuple[dict, str]:
-    """Train ``kind`` debiasing ``target`` (``+``-joined attributes) with gradient ``mode``, then measure it."""
+def run_name(kind: str, target: str, mode: str, seed: int = 0) -> str:
+    return f"{target}_{kind}_{mode}" + (f"_seed{seed}" if seed else "")
+
+
+def run_row(
+    root: str, kind: str, target: str, mode: str, overrides: Sequence[str], progress: bool, seed: int = 0
+) -> tuple[dict, str]:
+    """Train ``kind`` debiasing ``target`` (``+``-joined attributes) with gradient ``mode`` and training ``seed``,
+    then measure it."""
     from fairdiff_jax.evaluate import EvalSettings
     from fairdiff_jax.run import build_run
     from fairdiff_jax.toyworld.demo import adapted_model, demo_config, measure
     from fairdiff_jax.train import train
 
-    name = f"{target}_{kind}_{mode}"
+    name = run_name(kind, target, mode, seed)
     run_dir = os.path.join(root, name)
     train_dir = os.path.join(run_dir, "train")
+    overrides = [*overrides, f"--config.seed={int(seed)}"]
     path = os.path.join(run_dir, "row.json")
     row = _load(path)
     if row is None:
@@ -122,7 +135,7 @@ def run_row(root: str, kind: str, target: str, mode: str, overrides: Sequence[st
             model_id=model_id,
             progress=progress,
         )
-        row = {"name": name, "kind": kind, "target": target, "mode": mode, "steps": int(cfg.num_steps)}
+        row = {"name": name, "kind": kind, "target": target, "mode": mode, "steps": int(cfg.num_steps), "seed": seed}
         row.update(_summary(section))
         row["seconds"] = time.perf_counter() - started
         _save(path, row)
@@ -164,15 +177,38 @@ def method_row(root: str, method: str, target: str, overrides: Sequence[str], pr
     return row
 
 
+def over_seeds(rows: Sequence[dict]) -> dict:
+    """One row from the same run at several seeds: each bias is the mean over seeds, ``bias_std`` their standard
+    deviation (population, ``ddof=0``), the cue accuracy the mean; ``seeds`` lists them. One row is returned as is."""
+    import numpy as np
+
+    if len(rows) == 1:
+        return rows[0]
+    merged = {key: rows[0][key] for key in ("name", "kind", "target", "mode", "steps") if key in rows[0]}
+    merged["seeds"] = [row.get("seed", 0) for row in rows]
+    for split in ("debiased", "held_out"):
+        biases = {c: np.asarray([row[split]["bias"][c] for row in rows], np.float64) for c in COLUMNS}
+        merged[split] = {
+            "bias": {c: float(v.mean()) for c, v in biases.items()},
+            "bias_std": {c: float(v.std()) for c, v in biases.items()},
+            "bias_floor": rows[0][split]["bias_floor"],
+            "cue_accuracy": float(np.mean([row[split]["cue_accuracy"] for row in rows])),
+        }
+    return merged
+
+
 def _cells(row: dict, split: str) -> list[str]:
     section = row[split]
     cells = [f"{section['bias'][c]:.3f}±{section['bias_std'][c]:.3f}" for c in COLUMNS]
-    return cells + [f"{section['cue_accuracy']:.3f}"]
+    return cells + [f"{section['cue_accuracy']:.3f}", str(len(row.get("seeds", [0]))) if "mode" in row else "—"]
 
 
 def table_markdown(original: dict, rows: Sequence[dict], split: str) -> str:
     """Table 1 in the paper's layout for one occupation split."""
-    header = "| debiased for | method | gender | race | gender×race | cue accuracy |\n|---|---|---|---|---|---|\n"
+    header = (
+        "| debiased for | method | gender | race | gender×race | cue accuracy | seeds |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
     lines = ["| — (original) | — | " + " | ".join(_cells(original, split)) + " |"]
     for row in rows:
         lines.append(
@@ -180,7 +216,15 @@ def table_markdown(original: dict, rows: Sequence[dict], split: str) -> str:
         )
     floor = original[split]["bias_floor"]
     note = ", ".join(f"{c} {floor[c]:.3f}" for c in COLUMNS)
-    return header + "\n".join(lines) + f"\n\nBias of a perfectly fair generator with these sample sizes: {note}.\n"
+    spread = (
+        "Rows with several seeds: mean of the seeds' biases ± its standard deviation over seeds; rows with one "
+        "seed and untrained rows: mean over occupations ± its standard deviation over occupations."
+    )
+    return (
+        header
+        + "\n".join(lines)
+        + f"\n\n{spread} Bias of a perfectly fair generator with these sample sizes: {note}.\n"
+    )
 
 
 def ablation_markdown(rows: Sequence[dict], curves: dict) -> str:
@@ -199,7 +243,11 @@ def ablation_markdown(rows: Sequence[dict], curves: dict) -> str:
             f"| {row['held_out']['bias']['gender']:.3f}±{row['held_out']['bias_std']['gender']:.3f} "
             f"| {row['debiased']['cue_accuracy']:.3f} | {final_loss:.3f} | {median_grad:.3g} |"
         )
-    return header + "\n".join(lines) + "\n\nfinal loss: mean of the last tenth of the logged training losses.\n"
+    return (
+        header
+        + "\n".join(lines)
+        + "\n\nfinal loss: mean of the last tenth of the logged training losses (first seed); biases as in Table 1.\n"
+    )
 
 
 def training_curve(train_dir: str) -> tuple[list[int], list[float], list[float]]:
@@ -230,8 +278,8 @@ def plot_ablation(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _finished(root: str, kind: str, target: str, mode: str) -> bool:
-    return os.path.exists(os.path.join(root, f"{target}_{kind}_{mode}", "row.json"))
+def _finished(root: str, kind: str, target: str, mode: str, seeds: Sequence[int] = (0,)) -> bool:
+    return all(os.path.exists(os.path.join(root, run_name(kind, target, mode, s), "row.json")) for s in seeds)
 
 
 def toy_tables(
@@ -242,6 +290,7 @@ def toy_tables(
     methods: Sequence[str] = METHODS,
     targets: Sequence[str] = TARGETS,
     modes: Sequence[str] = MODES,
+    seeds: Sequence[int] = (0,),
     progress: bool = True,
     finished_only: bool = False,
 ) -> str:
@@ -250,24 +299,27 @@ def toy_tables(
     original = original_row(root, overrides, progress)
     combos = [(kind, target) for target in targets for kind in kinds]
     if finished_only:
-        combos = [(kind, target) for kind, target in combos if _finished(root, kind, target, "adjusted")]
-        modes = [mode for mode in modes if _finished(root, "text_lora", "gender", mode)]
+        combos = [(kind, target) for kind, target in combos if _finished(root, kind, target, "adjusted", seeds)]
+        modes = [mode for mode in modes if _finished(root, "text_lora", "gender", mode, seeds)]
     baselines = [(method, target) for target in targets for method in methods]
     if finished_only:
         baselines = [(m, t) for m, t in baselines if os.path.exists(os.path.join(root, f"{t}_{m}", "row.json"))]
     rows = [method_row(root, method, target, overrides, progress) for method, target in baselines]
-    rows += [run_row(root, kind, target, "adjusted", overrides, progress)[0] for kind, target in combos]
+    for kind, target in combos:
+        rows.append(over_seeds([run_row(root, kind, target, "adjusted", overrides, progress, s)[0] for s in seeds]))
     text = ["# Toy world: Table 1 and the gradient ablation", ""]
     for split, title in (("held_out", "held-out occupations (never trained on)"), ("debiased", "trained occupations")):
         text += [f"## Table 1 (toy), {title}", "", table_markdown(original, rows, split)]
     if modes:
-        ablation = [run_row(root, "text_lora", "gender", mode, overrides, progress) for mode in modes]
-        curves = {row["mode"]: training_curve(train_dir) for row, train_dir in ablation}
+        ablation = {
+            mode: [run_row(root, "text_lora", "gender", mode, overrides, progress, s) for s in seeds] for mode in modes
+        }
+        curves = {mode: training_curve(runs[0][1]) for mode, runs in ablation.items()}  # the first seed's curves
         plot_ablation(curves, os.path.join(root, "ablation_curves.png"))
         text += [
             "## Gradient ablation (text-encoder LoRA, gender)",
             "",
-            ablation_markdown([row for row, _ in ablation], curves),
+            ablation_markdown([over_seeds([row for row, _ in runs]) for runs in ablation.values()], curves),
             "![loss and gradient norm](ablation_curves.png)",
             "",
         ]
@@ -290,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="baselines (Table 1)")
     parser.add_argument("--targets", nargs="*", default=list(TARGETS), choices=TARGETS, help="what to debias")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="ablation gradients")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds of every trained row")
     parser.add_argument("--finished-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(rest)
@@ -303,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods=args.methods,
         targets=args.targets,
         modes=args.modes,
+        seeds=args.seeds,
         progress=not args.no_progress,
         finished_only=args.finished_only,
     )

@@ -281,23 +281,32 @@ def sample_latents(
             output, new_state = guide(
                 unet_fn, unet_params, unet_input, xs.timestep, index, cond_emb, uncond_emb, guidance_scale, guide_state
             )
-            guide_state = jax.tree.map(lambda new, old: jnp.where(xs.active, new, old), new_state, guide_state)
+            guide_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, guide_state)
         record_ys = Trajectory(unet_input, output) if record else None
         if gradient_mode == "adjusted":
             output = scale_cotangent(output, xs.grad_scale)
         x0 = (xs.x0_from_latent * latents + xs.x0_from_output * output).astype(latents.dtype)
         eps = xs.eps_from_latent * latents + xs.eps_from_output * output
         new_latents = xs.coef_latent * latents + xs.coef_x0 * x0 + xs.coef_prev_x0 * prev_x0 + xs.coef_eps * eps
-        # padded steps (past num_steps) keep the carry exactly
-        new_latents = jnp.where(xs.active, new_latents.astype(latents.dtype), latents)
-        return (new_latents, jnp.where(xs.active, x0, prev_x0), guide_state), record_ys
+        return (new_latents.astype(latents.dtype), x0, guide_state), record_ys
+
+    def padded(carry, inputs):
+        """A step past ``num_steps``: the carry exactly, no U-Net call (its record is zeros)."""
+        return carry, (Trajectory(jnp.zeros_like(carry[0]), jnp.zeros_like(carry[0])) if record else None)
+
+    def step_or_padding(carry, inputs):
+        # a real branch, not a select: a run of fewer than max_steps steps (train_steps=(lo, hi)) skips the
+        # U-Net's forward and backward on the padded steps
+        return jax.lax.cond(inputs[0].active, step, padded, carry, inputs)
 
     if remat_policy != "none":
-        # inside a rolled scan CSE cannot undo the remat; once unrolled, it must be prevented explicitly
+        # inside a rolled scan CSE cannot undo the remat; once unrolled, it must be prevented explicitly.
+        # The checkpoint wraps the branch (a checkpoint inside a cond's branch would keep its residuals).
         rolled = unroll is False or unroll == 1
-        step = jax.checkpoint(step, policy=policy, prevent_cse=not rolled)
+        step_or_padding = jax.checkpoint(step_or_padding, policy=policy, prevent_cse=not rolled)
+
     start = (noise, jnp.zeros_like(noise), () if guide is None else guide.init(noise))
-    (latents, _, _), ys = jax.lax.scan(step, start, (table, jnp.arange(max_steps), recorded), unroll=unroll)
+    (latents, _, _), ys = jax.lax.scan(step_or_padding, start, (table, jnp.arange(max_steps), recorded), unroll=unroll)
     if record:
         return latents, Trajectory(*(jnp.moveaxis(y, 0, 1) for y in ys))
     return latents

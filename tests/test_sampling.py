@@ -484,3 +484,38 @@ def test_decode_latents_matches_vae_and_remat_keeps_gradients(tiny_sd):
     np.testing.assert_allclose(images, ref_images, atol=1e-5)
     assert rel_err(grad, ref_grad) <= 1e-5
     assert float(jnp.abs(ref_grad).sum()) > 0
+
+
+@pytest.mark.parametrize("remat", ["full", "none"])
+@pytest.mark.parametrize("unroll", [1, True])
+def test_padded_steps_call_no_unet_and_change_nothing(remat, unroll):
+    """A traced step count below max_steps runs the U-Net (forward and backward) only on the real steps, and the
+    value and gradient equal a run compiled for exactly that many steps."""
+    rng = np.random.default_rng(4)
+    params = standin_params(rng, jnp.float32)
+    noise = jnp.asarray(rng.standard_normal((2, 4, 4, 4)), jnp.float32)
+    cond = jnp.asarray(rng.standard_normal((2, 3, 32)), jnp.float32)
+    schedule = make_schedule(SchedulerSettings())
+    calls = []
+
+    def counted(params, latents, timesteps, context):
+        jax.debug.callback(lambda t: calls.append(int(t[0])), timesteps)
+        return standin_unet(params, latents, timesteps, context)
+
+    def loss(params, num_steps, max_steps):
+        latents = sampling.sample_latents(
+            counted, params, noise, cond, cond[:1], num_steps, schedule, max_steps=max_steps, remat_policy=remat,
+            unroll=unroll,
+        )  # fmt: skip
+        return jnp.sum(latents**2)
+
+    padded = jax.jit(jax.value_and_grad(loss), static_argnums=2)(params, jnp.int32(3), 6)
+    jax.block_until_ready(padded)
+    steps_run = sorted(set(calls))
+    assert len(steps_run) == 3, calls  # three timesteps, each called once forward (and again if rematerialised)
+    assert len(calls) == (6 if remat == "full" else 3), calls
+    calls.clear()
+    exact = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))(params, 3, 3)
+    assert sorted(set(calls)) == steps_run
+    np.testing.assert_allclose(padded[0], exact[0], rtol=1e-6)
+    assert tree_rel_err(padded[1], exact[1]) <= 1e-6

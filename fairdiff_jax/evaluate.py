@@ -38,6 +38,7 @@ from fairdiff_jax.eval_store import (
 from fairdiff_jax.generation import SamplerSettings, make_generator, prompt_noise, tokenize, uncond_ids
 from fairdiff_jax.images import save_grids, to_uint8
 from fairdiff_jax.metrics import bias_metrics
+from fairdiff_jax.models.attention import run_attention
 from fairdiff_jax.reporting import is_main_process, progress_bar
 from fairdiff_jax.run import Run, build_run
 from fairdiff_jax.scoring import Scoring, scored_by_note, scoring_classifier
@@ -91,6 +92,38 @@ def generate_prompt_set(
     (default: the run's). Returns, per prompt, ``{"prompt", "images" uint8 [M,H,W,3], "labels" {attr: [M]},
     "valid" [M], "scored_by" {attr: source}}``.
     """
+    with run_attention(run.attention):
+        return _generate_prompt_set(
+            run,
+            settings,
+            unet_params,
+            te_params,
+            prompts,
+            out_dir,
+            soft_tokens=soft_tokens,
+            model_id=model_id,
+            progress=progress,
+            baseline=baseline,
+            branches=branches,
+            scoring=scoring,
+        )
+
+
+def _generate_prompt_set(
+    run: Run,
+    settings: EvalSettings,
+    unet_params,
+    te_params,
+    prompts: Sequence[str],
+    out_dir: str,
+    *,
+    soft_tokens: bool,
+    model_id: str,
+    progress: bool,
+    baseline,
+    branches: dict | None,
+    scoring: Scoring | None,
+) -> list[dict]:
     num_images = settings.images_per_prompt
     mesh = parallel.make_mesh()
     batch = max(mesh.size, settings.batch_size // mesh.size * mesh.size)

@@ -60,6 +60,7 @@ class Run:
     model_folder: str
     face_detector: object = None  # the world's face detector (None: no faces, the face terms stay off)
     face_box_expand: float = 1.0  # how the facial classifiers expand its box into their crop
+    attention: str = "auto"  # config.model.attention: how train() and generation trace the attention modules
 
 
 def adaptor_spec_from_config(cfg: ConfigDict, model_folder: str, unet_params, text_encoder_params) -> AdaptorSpec:
@@ -140,6 +141,7 @@ def assemble_run(cfg: ConfigDict, sd, world: World, adaptor_spec: AdaptorSpec | 
         model_folder=world.model_folder,
         face_detector=world.face_detector,
         face_box_expand=world.face_box_expand,
+        attention=str(cfg.model.attention),
     )
 
 

@@ -27,6 +27,7 @@ from fairdiff_jax.errors import FairdiffError
 from fairdiff_jax.face_terms import build_face_terms
 from fairdiff_jax.generation import SamplerSettings, make_generator, tokenize, uncond_ids
 from fairdiff_jax.images import save_image_grid
+from fairdiff_jax.models.attention import run_attention
 from fairdiff_jax.optim import make_optimizer
 from fairdiff_jax.preemption import PreemptionFlag
 from fairdiff_jax.prompts import PromptIterator
@@ -234,7 +235,7 @@ def train(
         )
     local_images = int(cfg.train.images_per_prompt) // mesh.size * int(cfg.train.prompts_per_step)
     check_microbatch(int(cfg.train.microbatch), local_images)
-    with RunLock(workdir) if is_main_process() else contextlib.nullcontext():
+    with run_attention(run.attention), RunLock(workdir) if is_main_process() else contextlib.nullcontext():
         checkpointer = Checkpointer(workdir, save_every=int(cfg.checkpoint_every), keep=int(cfg.keep_checkpoints))
         with checkpointer:
             _prepare_workdir(cfg, workdir, run, checkpointer)

@@ -2,6 +2,8 @@
 the modules' own (stock) code (float64 inputs; jax's softmax runs in float32), forward and gradient, including
 CLIP's causal and padding masks and query chunks that straddle them; and the patched models route through it."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +143,33 @@ def test_matmul_attention_gradient_matches_finite_differences_float64():
         check_grads(matmul, (query, key, value), order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_splash_attention_equals_stock(cross):
+    """The TPU splash kernel (run by Pallas' interpreter here) in the U-Net's attention module against the module's
+    own code, forward and gradient: 24 queries padded to a block of 128, cross-attention's 7 keys padded and
+    masked."""
+    module = attention_flax.FlaxAttention(query_dim=32, heads=4, dim_head=8)
+    hidden = _random((2, 24, 32), 0).astype(jnp.float32)
+    inputs = (hidden, _random((2, 7, 16), 1).astype(jnp.float32)) if cross else (hidden,)
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), *inputs)
+    expected = _value_and_grads(module, params, inputs, "stock")
+    _assert_same(_value_and_grads(module, params, inputs, "splash"), expected, rtol=2e-5)
+
+
+def test_splash_causal_attention_over_two_blocks_equals_xla():
+    """Causal splash attention over 130 tokens (two blocks, the second nearly all padding) against XLA's."""
+    query, key, value = (_random((1, 130, 2, 8), seed).astype(jnp.float32) for seed in (20, 21, 22))
+
+    def loss(implementation, q, k, v):
+        out = attention.attend(q, k, v, is_causal=True, implementation=implementation)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, got), got_grads = jax.value_and_grad(lambda *x: loss("splash", *x), (0, 1, 2), has_aux=True)(query, key, value)
+    (_, ref), ref_grads = jax.value_and_grad(lambda *x: loss("xla", *x), (0, 1, 2), has_aux=True)(query, key, value)
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+    _assert_same(got_grads, ref_grads, rtol=2e-5)
+
+
 def test_patched_unet_routes_through_attend(tiny_sd, monkeypatch):
     """Every attention layer of the loaded tiny U-Net calls ``attend`` (unless 'stock'), with the same output."""
     calls = []
@@ -169,3 +198,40 @@ def test_bad_settings_are_refused():
     with pytest.raises(FairdiffError, match="query_chunk must be >= 1"):
         with attention_implementation("chunked", query_chunk=0):
             pass
+
+
+def test_runs_trace_under_their_configured_attention(tiny_sd_path, tmp_path, monkeypatch):
+    """``model.attention`` is what the training step and the image generation are traced with; a kernel this
+    backend cannot run is refused in one line; an unknown name is refused by the config."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from train_world import tiny_config, tiny_run
+
+    from fairdiff_jax import evaluate, train
+    from fairdiff_jax.config import load_config
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(attention._settings["implementation"])
+        return []
+
+    monkeypatch.setattr(evaluate, "_generate_prompt_set", record)
+    monkeypatch.setattr(train._TrainLoop, "run", lambda self, *args: record())
+    cfg = tiny_config(tiny_sd_path, "--config.model.attention=xla")
+    run = tiny_run(tiny_sd_path, cfg)
+    assert run.attention == "xla"
+    evaluate.generate_prompt_set(run, None, None, None, [], str(tmp_path / "eval"), soft_tokens=False, model_id="m")
+    train.train(cfg, str(tmp_path / "train"), run=run, progress=False)
+    assert seen == ["xla", "xla"] and attention._settings["implementation"] == "auto"
+
+    with pytest.raises(FairdiffError, match=r"model.attention='splash' runs on a TPU only .* use --config.model"):
+        evaluate.generate_prompt_set(
+            dataclasses.replace(run, attention="splash"), None, None, None, [], str(tmp_path), soft_tokens=False,
+            model_id="m",
+        )  # fmt: skip
+    with pytest.raises(FairdiffError, match="model.attention"):
+        load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy.py"),
+                    ["--config.model.attention=flash"])  # fmt: skip

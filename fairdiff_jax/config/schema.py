@@ -97,9 +97,18 @@ def base_config() -> ConfigDict:
     """Every key a config may set, with the paper's common settings (PAPER.md, "Common") as defaults."""
     c = ConfigDict()
     # world: which model family builds the run (fairdiff_jax.worlds; plug-ins register more names);
-    # path: its model folder (a diffusers-format SD folder); variant: diffusers weight-file variant ("" or "fp16").
+    # path: its model folder (a diffusers-format SD folder); variant: diffusers weight-file variant ("" or "fp16");
+    # attention: how the U-Net / VAE / CLIP attention is computed while training and generating
+    # (fairdiff_jax.models.attention: "auto" picks cuDNN flash attention on GPUs, matmul or chunked elsewhere;
+    # "splash" is the Pallas kernel for TPUs, opt-in).
     c.model = ConfigDict(
-        {"world": DEFAULT_WORLD, "path": "models/stable-diffusion-v1-5", "dtype": "bfloat16", "variant": ""}
+        {
+            "world": DEFAULT_WORLD,
+            "path": "models/stable-diffusion-v1-5",
+            "dtype": "bfloat16",
+            "variant": "",
+            "attention": "auto",
+        }
     )
     # ema_warmup: the EMA decay ramps as min(ema_decay, (1+s)/(10+s)) over its updates s, as diffusers' EMAModel
     # (what the paper's authors use) does; False = ema_decay from the first update

@@ -50,10 +50,12 @@ def _check_choices(cfg: ConfigDict) -> None:
     from fairdiff_jax.adaptors.soft_tokens import PROMPT_PADDINGS
     from fairdiff_jax.adaptors.spec import ADAPTOR_KINDS
     from fairdiff_jax.attributes.detectors import FACE_DETECTORS
+    from fairdiff_jax.models.attention import ATTENTION_IMPLEMENTATIONS
     from fairdiff_jax.models.loader import DTYPES
 
     _choice(cfg, "adaptor.kind", ADAPTOR_KINDS)
     _choice(cfg, "model.dtype", tuple(DTYPES))
+    _choice(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
     _choice(cfg, "sampler.solver", schedules.SOLVERS)
     _choice(cfg, "sampler.gradient_mode", sampling.GRADIENT_MODES)
     _choice(cfg, "sampler.remat_policy", sampling.REMAT_POLICIES)

@@ -13,6 +13,11 @@ for each 64x64 self-attention layer, kept for the backward). :func:`attend` comp
   ``matmul``   two batched matmuls in head-major layout with a hand-written backward that keeps the softmax
                probabilities (``dS = P * (dP - rowsum(dP * P))``): on XLA:CPU the autodiff of the ``xla`` path
                transposes inside the backward, and this saves that time at the same memory;
+  ``splash``   the Pallas splash-attention kernel for TPU (``jax.experimental.pallas.ops.tpu``; flash attention
+               with a block-sparse mask, nothing quadratic kept for the backward); sequences padded to blocks of
+               128, the padded keys masked. Opt-in (``--config.model.attention=splash``): it is tested against the
+               stock attention in Pallas' interpreter on a CPU, not run on a TPU here. Data-dependent masks (CLIP's
+               padding) take ``chunked``. Elsewhere than on a TPU it runs interpreted (slow; for tests);
   ``stock``    the modules' own code, unchanged.
 
 The module classes below subclass the originals (same parameters and names) and are swapped in by
@@ -22,12 +27,14 @@ The module classes below subclass the originals (same parameters and names) and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from diffusers.models import attention_flax, vae_flax
 from transformers.models.clip import modeling_flax_clip
 
@@ -40,10 +47,12 @@ __all__ = [
     "FusedVAEAttentionBlock",
     "attend",
     "attention_implementation",
+    "run_attention",
 ]
 
 log = logging.getLogger(__name__)
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "matmul", "stock")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "matmul", "splash", "stock")
+SPLASH_BLOCK = 128  # the TPU kernel's lane width: sequences are padded to a multiple of it
 _settings = {"implementation": "auto", "query_chunk": 256}
 
 
@@ -72,6 +81,22 @@ def attention_implementation(implementation: str, query_chunk: int | None = None
         yield
     finally:
         _settings.update(previous)
+
+
+@contextlib.contextmanager
+def run_attention(implementation: str) -> Iterator[None]:
+    """:func:`attention_implementation` for a training or generation run: refuses, in one line, a kernel this
+    backend cannot run (``splash`` off a TPU would run interpreted, ``cudnn`` needs a GPU)."""
+    _check_implementation(implementation)
+    backend = jax.default_backend()
+    needs = {"splash": "tpu", "cudnn": "gpu"}.get(implementation)
+    if needs and backend != needs:
+        raise FairdiffError(
+            f"model.attention='{implementation}' runs on a {needs.upper()} only and this run's backend is {backend}; "
+            "use --config.model.attention=auto"
+        )
+    with attention_implementation(implementation):
+        yield
 
 
 def _chunked(query, key, value, mask, is_causal: bool, scale: float, chunk: int) -> jax.Array:
@@ -148,6 +173,49 @@ def _matmul(query, key, value, mask, is_causal: bool, scale: float) -> jax.Array
     return jnp.transpose(_matmul_core(q, k, v, bias), heads_first)
 
 
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, queries: int, keys: int, real_keys: int, causal: bool, interpret: bool):
+    """A splash-attention kernel for ``[heads, queries, dim]`` inputs whose keys past ``real_keys`` are padding."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    if real_keys == keys:  # no padded keys: the kernel's own (lazily evaluated) full or causal mask
+        head_mask = masks.CausalMask((queries, keys)) if causal else masks.FullMask((queries, keys))
+    else:
+        allowed = np.zeros((queries, keys), dtype=np.bool_)
+        allowed[:, :real_keys] = True
+        if causal:
+            allowed &= np.arange(queries)[:, None] >= np.arange(keys)[None, :]
+        head_mask = masks.NumpyMask(allowed)
+
+    def block(length: int) -> int:
+        return max(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+
+    bq, bk = block(queries), block(keys)
+    sizes = kernel.BlockSizes(
+        block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
+        block_q_dq=bq, block_kv_dq=bk,
+    )  # fmt: skip
+    mask = masks.MultiHeadMask(tuple(head_mask for _ in range(heads)))
+    return kernel.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash(query, key, value, is_causal: bool, scale: float) -> jax.Array:
+    """Splash attention over ``[B,T,N,H]`` inputs: queries and keys zero-padded to blocks, the padded keys masked,
+    the padded query rows dropped; the kernel is vmapped over the batch."""
+    batch, length, heads, _ = query.shape
+    keys = key.shape[1]
+    pad_q, pad_k = -length % SPLASH_BLOCK, -keys % SPLASH_BLOCK
+    kernel = _splash_kernel(heads, length + pad_q, keys + pad_k, keys, bool(is_causal), jax.default_backend() != "tpu")
+
+    def heads_first(x, pad):
+        return jnp.transpose(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), (0, 2, 1, 3))
+
+    q = heads_first(query * jnp.asarray(scale, query.dtype), pad_q)
+    out = jax.vmap(kernel)(q, heads_first(key, pad_k), heads_first(value, pad_k))
+    return jnp.transpose(out, (0, 2, 1, 3))[:, :length]
+
+
 def attend(
     query: jax.Array,
     key: jax.Array,
@@ -183,6 +251,10 @@ def attend(
                 log.debug("cuDNN attention unavailable for %s: %s", query.shape, err)
         short = math.ceil(query.shape[1] / _settings["query_chunk"]) == 1
         implementation = "matmul" if short and jax.default_backend() == "cpu" else "chunked"
+    if implementation == "splash":
+        if mask is None:
+            return _splash(query, key, value, is_causal, scale)
+        implementation = "chunked"  # a data-dependent mask cannot be the kernel's static block mask
     if implementation == "matmul":
         return _matmul(query, key, value, mask, is_causal, scale)
     if implementation == "chunked":

@@ -164,11 +164,12 @@ def test_builder_writes_a_complete_loadable_folder(tiny_build):
     assert sd.vae is None and sd.unet.in_channels == 3 and sd.unet.out_channels == 3
     ids = sd.tokenizer(["a photo of a judge"], padding="max_length", max_length=16)["input_ids"]
     assert sd.tokenizer.decode(ids[0], skip_special_tokens=True).strip() == "a photo of a judge"
-    # every caption word is one token, so the text encoder sees "female" and "male" as words of their own
-    longest = "a photo of a young asian female firefighter"
-    ids = sd.tokenizer([longest], padding="max_length", max_length=16)["input_ids"][0]
-    assert sd.tokenizer.decode(ids, skip_special_tokens=True).strip() == longest
-    assert ids.index(sd.tokenizer.eos_token_id) == len(longest.split()) + 1
+    # the longest training captions fit the 16 tokens and read back (the code-built BPE splits "female" into
+    # "fe" + "male", so the two captions differ by the token "fe")
+    for text in ("a photo of a young asian female firefighter", "a photo of a old indian male librarian"):
+        ids = sd.tokenizer([text], padding="max_length", max_length=16)["input_ids"][0]
+        assert sd.tokenizer.decode(ids, skip_special_tokens=True).strip() == text
+        assert ids[-1] == sd.tokenizer.eos_token_id
     assert "caption_attribute_rate" in description["build"] and description["build"]["restarts"] == []
     assert set(description["base_model"]["named_gender_accuracy"]) == {"female", "male"}
     assert build.read_world(folder) == json.loads(json.dumps(description))

@@ -171,7 +171,7 @@ def _check_converged(losses: Sequence[tuple[int, float]], learning_rate: float) 
 def build_toy_world(
     out_dir: str,
     *,
-    steps: int = 1500,
+    steps: int = 2000,
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 64,

@@ -33,14 +33,16 @@ PROMPT_WORDS = ("a", "photo", "of", "the", "face", "person")
 # independently with probability CAPTION_ATTRIBUTE_RATE ("a photo of a young black female doctor"), otherwise it
 # is the plain prompt, so the plain prompts keep the occupations' skewed distributions while the text encoder
 # learns where gender, race and age lie in text space. With plain captions only (rate 0, the first shipped world)
-# the text encoder never needed an attribute direction and the text-encoder LoRA stalled (issue 18).
+# the text encoder never needed an attribute direction and the text-encoder LoRA stalled (issue 18). Measured with
+# the builder (2 CPU cores): rate 0.25 and 1500 steps drew "a photo of a female X" female only 55 % of the time and
+# "male X" male 47 % (the occupation prior); rate 0.5 and 2000 steps 99 % and 82 %.
 ATTRIBUTE_WORDS = {
     "gender": ("female", "male"),
     "race": ("white", "black", "indian", "asian"),
     "age": ("young", "old"),
 }
 CAPTION_ORDER = ("age", "race", "gender")  # word order in a caption: "a young black female doctor"
-CAPTION_ATTRIBUTE_RATE = 0.25
+CAPTION_ATTRIBUTE_RATE = 0.5
 
 # colours in [0, 1]
 SKIN_TONES = np.array([[0.96, 0.80, 0.69], [0.34, 0.20, 0.12], [0.68, 0.45, 0.29], [0.98, 0.86, 0.45]], np.float32)

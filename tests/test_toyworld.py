@@ -101,6 +101,29 @@ def test_world_description_and_splits():
     assert len(cues) == len(world.OCCUPATIONS)
 
 
+def test_training_captions_name_the_attributes_at_the_given_rate():
+    captions = world.all_captions()
+    assert captions[: len(world.OCCUPATIONS)] == tuple(o.prompt for o in world.OCCUPATIONS)
+    assert len(set(captions)) == len(captions) == len(world.OCCUPATIONS) * 3 * 5 * 3
+    images, labels = world.sample_training_batch(4000, np.random.default_rng(7))
+    plain = world.caption_rows(labels, np.random.default_rng(0), 0.0)
+    np.testing.assert_array_equal(plain, labels["occupation"])  # rate 0: the plain prompt of each occupation
+    full = world.caption_rows(labels, np.random.default_rng(0), 1.0)
+    for i in range(20):
+        words = captions[full[i]].split()
+        assert words[-1] == world.OCCUPATION_NAMES[labels["occupation"][i]]
+        for attr in world.CAPTION_ORDER:
+            assert world.ATTRIBUTE_WORDS[attr][labels[attr][i]] in words, (attr, captions[full[i]])
+    rows = world.caption_rows(labels, np.random.default_rng(0))
+    texts = [captions[r].split() for r in rows]
+    named_gender = np.array([("female" in t) or ("male" in t) for t in texts])
+    assert abs(named_gender.mean() - world.CAPTION_ATTRIBUTE_RATE) < 0.03
+    # a caption never names a class other than its picture's
+    for t, g in zip(texts, labels["gender"]):
+        assert world.ATTRIBUTE_WORDS["gender"][1 - g] not in t
+    assert set(w for words in world.ATTRIBUTE_WORDS.values() for w in words) <= set(world.tokenizer_words())
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(FairdiffError, match="same length"):
         world.render(np.zeros(3), np.zeros(2), np.zeros(3), np.zeros(3), np.random.default_rng(0))
@@ -141,6 +164,14 @@ def test_builder_writes_a_complete_loadable_folder(tiny_build):
     assert sd.vae is None and sd.unet.in_channels == 3 and sd.unet.out_channels == 3
     ids = sd.tokenizer(["a photo of a judge"], padding="max_length", max_length=16)["input_ids"]
     assert sd.tokenizer.decode(ids[0], skip_special_tokens=True).strip() == "a photo of a judge"
+    # the longest training captions fit the 16 tokens and read back (the code-built BPE splits "female" into
+    # "fe" + "male", so the two captions differ by the token "fe")
+    for text in ("a photo of a young asian female firefighter", "a photo of a old indian male librarian"):
+        ids = sd.tokenizer([text], padding="max_length", max_length=16)["input_ids"][0]
+        assert sd.tokenizer.decode(ids, skip_special_tokens=True).strip() == text
+        assert ids[-1] == sd.tokenizer.eos_token_id
+    assert "caption_attribute_rate" in description["build"] and description["build"]["restarts"] == []
+    assert set(description["base_model"]["named_gender_accuracy"]) == {"female", "male"}
     assert build.read_world(folder) == json.loads(json.dumps(description))
     measured = description["base_model"]
     assert set(measured["per_occupation"]) == set(world.OCCUPATION_NAMES)

@@ -97,7 +97,10 @@ def _noise_prediction(unet, text_encoder, params, noisy_nhwc, timesteps, input_i
 
 
 def make_train_step(unet, text_encoder, optimizer, alphas_cumprod: np.ndarray, ema_decay: float) -> Callable:
-    """A jitted ``(params, ema, opt_state, images [B,8,8,3], input_ids [B,L], key) -> (..., loss)`` step."""
+    """A jitted ``(params, ema, opt_state, images [B,8,8,3], input_ids [B,L], key, lr) -> (..., loss)`` step.
+
+    ``optimizer`` yields unscaled update directions (no learning rate); the step applies ``-lr * update``, so
+    the host sets the learning rate of every step (schedule, restarts)."""
     alphas = jnp.asarray(alphas_cumprod, jnp.float32)
 
     def loss_fn(params, images, input_ids, key):
@@ -114,10 +117,10 @@ def make_train_step(unet, text_encoder, optimizer, alphas_cumprod: np.ndarray, e
         weight = jnp.minimum(snr, MIN_SNR_GAMMA) / snr
         return jnp.mean(weight * jnp.mean((eps - noise) ** 2, axis=(1, 2, 3)))
 
-    def step(params, ema, opt_state, images, input_ids, key):
+    def step(params, ema, opt_state, images, input_ids, key, lr):
         loss, grads = jax.value_and_grad(loss_fn)(params, images, input_ids, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
         return params, ema, opt_state, loss
 
@@ -135,18 +138,26 @@ def train_base_model(
     batch_size: int = 64,
     learning_rate: float = 2e-4,
     ema_decay: float = 0.995,
+    caption_rate: float = world.CAPTION_ATTRIBUTE_RATE,
+    max_restarts: int = 3,
     progress: bool = True,
 ) -> tuple[dict, dict]:
     """Train U-Net and text encoder on the biased toy data; returns (EMA params, history).
 
-    ``prompt_ids`` is ``[num_occupations + 1, L]``: one row per occupation, the last row the empty prompt.
+    ``prompt_ids`` is ``[len(world.all_captions()) + 1, L]``: one row per training caption
+    (:func:`fairdiff_jax.toyworld.world.all_captions`), the last row the empty prompt. Each picture's caption
+    names each of its attributes with probability ``caption_rate`` (0: the plain occupation prompt only).
+
+    A sudden collapse of the loss (a 25-step mean above 3x the best and 0.2; seen on this tiny U-Net at
+    steps 200-1250) restarts from the EMA weights of the best window with fresh Adam moments, half the learning
+    rate and a 50-step warm-up, at most ``max_restarts`` times; after that training stops and returns those
+    weights (``history["stopped_at"]``).
     """
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10 + 1), steps, 0.1)
+    warmup = min(100, steps // 10 + 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, steps, 0.1)
     # Adam eps 1e-5 and no weight decay: with eps 1e-8 and decay 1e-4 every run collapsed (loss 0.08 -> 1.0)
     # between steps 100 and 650; with these settings 500-step probes stayed stable and learned the conditioning
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-5, weight_decay=0.0)
-    )
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-5))
     alphas = loader.SchedulerSettings.from_dict(SD15_SCHEDULER).alphas_cumprod()
     step_fn = make_train_step(unet, text_encoder, optimizer, alphas, ema_decay)
     params = jax.tree.map(jnp.asarray, params)
@@ -155,15 +166,20 @@ def train_base_model(
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
     empty_row = prompt_ids.shape[0] - 1
-    losses, window = [], []
+    losses, window, restarts = [], [], []
     best, snapshot, stopped_at = float("inf"), None, None
+    lr_factor, restarted_at = 1.0, None
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="toy base model", disable=not progress, dynamic_ncols=True)
     for step in bar:
         images, labels = world.sample_training_batch(batch_size, rng)
-        rows = np.where(rng.random(batch_size) < PROMPT_DROP_RATE, empty_row, labels["occupation"])
+        captions = world.caption_rows(labels, rng, caption_rate)
+        rows = np.where(rng.random(batch_size) < PROMPT_DROP_RATE, empty_row, captions)
+        lr = float(schedule(step)) * lr_factor
+        if restarted_at is not None:
+            lr *= min(1.0, (step - restarted_at + 1) / 50)
         params, ema, opt_state, loss = step_fn(
-            params, ema, opt_state, images, prompt_ids[rows], jax.random.fold_in(key, step)
+            params, ema, opt_state, images, prompt_ids[rows], jax.random.fold_in(key, step), jnp.float32(lr)
         )
         if step == 0:
             loss.block_until_ready()
@@ -173,12 +189,18 @@ def train_base_model(
             losses.append((step + 1, round(float(np.mean([float(v) for v in window])), 5)))
             window = []
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
-            # a sudden collapse (seen on this tiny U-Net): stop and keep the EMA weights of the best window
             if losses[-1][1] < best:
-                best, snapshot = losses[-1][1], (step + 1, jax.tree.map(np.asarray, ema))
+                best, snapshot = losses[-1][1], (step + 1, jax.tree.map(np.array, ema))  # a copy: ema is donated
             elif step >= 200 and losses[-1][1] > 3.0 * best and losses[-1][1] > 0.2:
-                stopped_at = step + 1
-                break
+                if len(restarts) >= max_restarts:
+                    stopped_at = step + 1
+                    break
+                # a sudden collapse: go back to the best window's EMA weights, fresh moments, half the lr
+                restarts.append({"step": step + 1, "loss": losses[-1][1], "from_step": snapshot[0]})
+                params = jax.tree.map(jnp.array, snapshot[1])
+                ema = jax.tree.map(jnp.array, snapshot[1])
+                opt_state = optimizer.init(params)
+                lr_factor, restarted_at = lr_factor * 0.5, step + 1
     seconds = time.perf_counter() - start
     history = {
         "steps": steps,
@@ -186,6 +208,7 @@ def train_base_model(
         "seconds": round(seconds, 1),
         "first_step_seconds": round(compile_seconds, 1),
         "loss": losses,
+        "restarts": restarts,
         "stopped_at": stopped_at,
     }
     if stopped_at is not None:

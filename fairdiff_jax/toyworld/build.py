@@ -75,35 +75,40 @@ def measure_base_model(
     occupations: Sequence[str] = world.OCCUPATION_NAMES,
     chunk_size: int = 480,
     seed: int = 0,
+    named_images_per_prompt: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Sample ``images_per_prompt`` pictures per occupation with CFG, classify them, report frequencies and bias.
 
     ``sd`` is a loaded toy model (``load_stable_diffusion(folder, components=COMPONENTS)``). Returns per
     occupation the class frequencies and bias of every attribute and the cue accuracy, plus their means
-    and the finite-sample floor 0.8/sqrt(M) of a fair binary attribute.
+    and the finite-sample floor 0.8/sqrt(M) of a fair binary attribute. With ``named_images_per_prompt`` > 0
+    (default ``min(50, images_per_prompt)``) it also reports how often a caption naming the gender ("a photo
+    of a female doctor") is drawn with that gender (``named_gender_accuracy``).
     """
     start = time.perf_counter()
     sampler = base_model.make_sampler(
         sd.unet, sd.text_encoder, num_steps=num_inference_steps, guidance_scale=guidance_scale
     )
     params = {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params}
-    prompt_ids = base_model.encode_prompts(
-        sd.tokenizer, [world.PROMPT_TEMPLATE.format(occupation=o) for o in occupations]
-    )
     empty_ids = base_model.encode_prompts(sd.tokenizer, [""])
-    which = np.repeat(np.arange(len(occupations)), images_per_prompt)
-    chunk_size = min(chunk_size, which.size)
-    padded = np.concatenate([which, np.zeros((-which.size) % chunk_size, np.int64)])
     key = jax.random.PRNGKey(seed)
-    pictures = []
-    with base_model.quiet_diffusers():
-        for index in tqdm(range(padded.size // chunk_size), desc="measure base model", disable=not progress):
-            rows = padded[index * chunk_size : (index + 1) * chunk_size]
-            cond = prompt_ids[rows]
-            uncond = np.repeat(empty_ids, chunk_size, axis=0)
-            pictures.append(np.asarray(sampler(params, cond, uncond, jax.random.fold_in(key, index))))
-    images = np.concatenate(pictures)[: which.size]
+
+    def sample(prompts: Sequence[str], count: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
+        prompt_ids = base_model.encode_prompts(sd.tokenizer, prompts)
+        which = np.repeat(np.arange(len(prompts)), count)
+        size = min(chunk_size, which.size)
+        padded = np.concatenate([which, np.zeros((-which.size) % size, np.int64)])
+        pictures = []
+        with base_model.quiet_diffusers():
+            for index in tqdm(range(padded.size // size), desc="measure base model", disable=not progress):
+                rows = padded[index * size : (index + 1) * size]
+                uncond = np.repeat(empty_ids, size, axis=0)
+                subkey = jax.random.fold_in(key, salt * 1_000_000 + index)
+                pictures.append(np.asarray(sampler(params, prompt_ids[rows], uncond, subkey)))
+        return np.concatenate(pictures)[: which.size], which
+
+    images, which = sample([world.PROMPT_TEMPLATE.format(occupation=o) for o in occupations], images_per_prompt, 0)
     predicted = classifiers.predict(classifier_params, images)
     per_occupation = {}
     for index, name in enumerate(occupations):
@@ -119,6 +124,20 @@ def measure_base_model(
                 float(np.mean(predicted["occupation"][mine] == world.occupation_index(name))), 4
             )
         per_occupation[name] = entry
+    named = {}
+    if named_images_per_prompt is None:
+        named_images_per_prompt = min(50, images_per_prompt)
+    if named_images_per_prompt > 0:
+        # does the model follow a caption that names the gender? ("a photo of a female doctor")
+        words = world.ATTRIBUTE_WORDS["gender"]
+        prompts = [
+            world.caption(world.occupation_index(o), {"gender": g}) for g in range(len(words)) for o in occupations
+        ]
+        named_images, named_which = sample(prompts, named_images_per_prompt, 1)
+        named_gender = classifiers.predict(classifier_params, named_images)["gender"]
+        asked = named_which // len(occupations)
+        for g, word in enumerate(words):
+            named[word] = round(float(np.mean(named_gender[asked == g] == g)), 4)
     summary = {
         "images_per_prompt": images_per_prompt,
         "guidance_scale": guidance_scale,
@@ -127,6 +146,8 @@ def measure_base_model(
         "seconds": round(time.perf_counter() - start, 1),
         "per_occupation": per_occupation,
     }
+    if named:
+        summary["named_gender_accuracy"] = named  # share of "a photo of a female X" pictures read as female, ...
     for metric in ("gender_bias", "race_bias", "age_bias", "cue_accuracy"):
         values = [entry[metric] for entry in per_occupation.values() if metric in entry]
         if values:
@@ -150,7 +171,7 @@ def _check_converged(losses: Sequence[tuple[int, float]], learning_rate: float) 
 def build_toy_world(
     out_dir: str,
     *,
-    steps: int = 1500,
+    steps: int = 2000,
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 64,
@@ -162,10 +183,13 @@ def build_toy_world(
     unet_config: Mapping | None = None,
     text_encoder_config: Mapping | None = None,
     classifier_width: int = 32,
+    caption_rate: float = world.CAPTION_ATTRIBUTE_RATE,
 ) -> dict:
     """Train the classifiers and the base model, write them into ``out_dir``, measure the base model.
 
     Returns the contents of the written ``world.json``. ``images_per_prompt=0`` skips the measurement.
+    ``caption_rate``: the probability that a training caption names each attribute of its picture
+    (:func:`fairdiff_jax.toyworld.world.caption_rows`; 0 trains on the plain occupation prompts only).
     """
     total_start = time.perf_counter()
     if os.path.exists(os.path.join(out_dir, WORLD_FILE)):
@@ -181,7 +205,7 @@ def build_toy_world(
     unet_config = dict(unet_config or base_model.UNET_CONFIG)
     text_config = base_model.write_tokenizer(out_dir, text_encoder_config or base_model.TEXT_ENCODER_CONFIG)
     tokenizer = loader.load_tokenizer(out_dir)
-    prompts = [o.prompt for o in world.OCCUPATIONS] + [""]
+    prompts = [*world.all_captions(), ""]
     with base_model.quiet_diffusers():
         unet = loader.build_unet(unet_config)
         text_encoder = loader.build_text_encoder(text_config)
@@ -195,6 +219,7 @@ def build_toy_world(
             seed=seed,
             batch_size=batch_size,
             learning_rate=learning_rate,
+            caption_rate=caption_rate,
             progress=progress,
         )
         if history["stopped_at"] is None:
@@ -225,10 +250,12 @@ def build_toy_world(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "prompt_drop_rate": base_model.PROMPT_DROP_RATE,
+            "caption_attribute_rate": caption_rate,
             "classifier_steps": classifier_steps,
             "classifier_seconds": round(classifier_seconds, 1),
             "train_seconds": history["seconds"],
             "loss": history["loss"],
+            "restarts": history["restarts"],
             "stopped_at": history["stopped_at"],
             "returned_step": history["returned_step"],
             "total_seconds": round(time.perf_counter() - total_start, 1),

@@ -17,6 +17,7 @@ Images are ``[B, 8, 8, 3]`` float32 in [-1, 1] (channels last; the U-Net takes t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +28,21 @@ IMAGE_SIZE = 8
 ATTRIBUTES = {"gender": ("female", "male"), "race": ("WMELH", "Black", "Indian", "Asian"), "age": ("young", "old")}
 PROMPT_TEMPLATE = "a photo of a {occupation}"
 PROMPT_WORDS = ("a", "photo", "of", "the", "face", "person")
+# Words that name each attribute's classes in training captions (in class order; the baselines' class words,
+# fairdiff_jax/baselines/class_words.py, plus age). A training caption names each attribute of its picture
+# independently with probability CAPTION_ATTRIBUTE_RATE ("a photo of a young black female doctor"), otherwise it
+# is the plain prompt, so the plain prompts keep the occupations' skewed distributions while the text encoder
+# learns where gender, race and age lie in text space. With plain captions only (rate 0, the first shipped world)
+# the text encoder never needed an attribute direction and the text-encoder LoRA stalled (issue 18). Measured with
+# the builder (2 CPU cores): rate 0.25 and 1500 steps drew "a photo of a female X" female only 55 % of the time and
+# "male X" male 47 % (the occupation prior); rate 0.5 and 2000 steps 99 % and 82 %.
+ATTRIBUTE_WORDS = {
+    "gender": ("female", "male"),
+    "race": ("white", "black", "indian", "asian"),
+    "age": ("young", "old"),
+}
+CAPTION_ORDER = ("age", "race", "gender")  # word order in a caption: "a young black female doctor"
+CAPTION_ATTRIBUTE_RATE = 0.5
 
 # colours in [0, 1]
 SKIN_TONES = np.array([[0.96, 0.80, 0.69], [0.34, 0.20, 0.12], [0.68, 0.45, 0.29], [0.98, 0.86, 0.45]], np.float32)
@@ -116,8 +132,46 @@ def split(held_out: bool) -> tuple[str, ...]:
 
 
 def tokenizer_words() -> tuple[str, ...]:
-    """Every word a toy-world prompt uses (for the code-built CLIP tokenizer)."""
-    return tuple(PROMPT_WORDS) + OCCUPATION_NAMES
+    """Every word a toy-world prompt or training caption uses (for the code-built CLIP tokenizer)."""
+    attribute_words = tuple(w for attr in CAPTION_ORDER for w in ATTRIBUTE_WORDS[attr])
+    return tuple(PROMPT_WORDS) + OCCUPATION_NAMES + attribute_words
+
+
+def caption(occupation: int, named: dict[str, int]) -> str:
+    """The training caption of a picture of ``occupation`` naming the classes in ``named`` (``{attr: class}``)."""
+    words = [ATTRIBUTE_WORDS[attr][int(named[attr])] for attr in CAPTION_ORDER if attr in named]
+    return PROMPT_TEMPLATE.format(occupation=" ".join([*words, OCCUPATIONS[int(occupation)].name]))
+
+
+@functools.cache
+def all_captions() -> tuple[str, ...]:
+    """Every training caption: the plain prompts first (in occupation order), then each occupation with every
+    combination of named classes (none or one class per attribute)."""
+    options = [[None, *range(len(ATTRIBUTE_WORDS[attr]))] for attr in CAPTION_ORDER]
+    out = [o.prompt for o in OCCUPATIONS]
+    for index in range(len(OCCUPATIONS)):
+        for choice in np.ndindex(*(len(o) for o in options)):
+            named = {attr: options[i][c] for i, (attr, c) in enumerate(zip(CAPTION_ORDER, choice)) if c > 0}
+            if named:
+                out.append(caption(index, named))
+    return tuple(out)
+
+
+@functools.cache
+def _caption_table() -> dict[str, int]:
+    return {text: row for row, text in enumerate(all_captions())}
+
+
+def caption_rows(labels: dict[str, np.ndarray], rng: np.random.Generator, rate: float = CAPTION_ATTRIBUTE_RATE):
+    """Row of :func:`all_captions` for each picture of ``labels``: each attribute named with probability ``rate``."""
+    occupation = np.asarray(labels["occupation"], np.int64)
+    table = _caption_table()
+    named = {attr: rng.random(occupation.shape[0]) < rate for attr in CAPTION_ORDER}
+    rows = [
+        table[caption(occ, {attr: labels[attr][i] for attr in CAPTION_ORDER if named[attr][i]})]
+        for i, occ in enumerate(occupation)
+    ]
+    return np.asarray(rows, np.int64)
 
 
 def render(
@@ -207,6 +261,10 @@ def describe() -> dict:
         "pixel_range": [-1.0, 1.0],
         "attributes": {attr: list(names) for attr, names in ATTRIBUTES.items()},
         "prompt_template": PROMPT_TEMPLATE,
+        "captions": {
+            "attribute_words": {attr: list(words) for attr, words in ATTRIBUTE_WORDS.items()},
+            "order": list(CAPTION_ORDER),
+        },
         "occupations": [
             {
                 "name": o.name,

@@ -517,5 +517,5 @@ def test_padded_steps_call_no_unet_and_change_nothing(remat, unroll):
     calls.clear()
     exact = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))(params, 3, 3)
     assert sorted(set(calls)) == steps_run
-    np.testing.assert_allclose(padded[0], exact[0], rtol=1e-6)
-    assert tree_rel_err(padded[1], exact[1]) <= 1e-6
+    np.testing.assert_allclose(padded[0], exact[0], rtol=1e-5)
+    assert tree_rel_err(padded[1], exact[1]) <= 1e-5  # float32: the two programs fuse differently

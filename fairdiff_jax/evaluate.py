@@ -13,6 +13,7 @@ reports CLIP-T, and CLIP-I / DINO against the original model's images from the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -67,6 +68,18 @@ class EvalSettings:
         )
 
 
+def _traced_with_run_attention(fn):
+    """Run ``fn(run, ...)`` with the attention implementation the run's config names (``model.attention``)."""
+
+    @functools.wraps(fn)
+    def wrapper(run, *args, **kwargs):
+        with run_attention(run.attention):
+            return fn(run, *args, **kwargs)
+
+    return wrapper
+
+
+@_traced_with_run_attention
 def generate_prompt_set(
     run: Run,
     settings: EvalSettings,
@@ -92,38 +105,6 @@ def generate_prompt_set(
     (default: the run's). Returns, per prompt, ``{"prompt", "images" uint8 [M,H,W,3], "labels" {attr: [M]},
     "valid" [M], "scored_by" {attr: source}}``.
     """
-    with run_attention(run.attention):
-        return _generate_prompt_set(
-            run,
-            settings,
-            unet_params,
-            te_params,
-            prompts,
-            out_dir,
-            soft_tokens=soft_tokens,
-            model_id=model_id,
-            progress=progress,
-            baseline=baseline,
-            branches=branches,
-            scoring=scoring,
-        )
-
-
-def _generate_prompt_set(
-    run: Run,
-    settings: EvalSettings,
-    unet_params,
-    te_params,
-    prompts: Sequence[str],
-    out_dir: str,
-    *,
-    soft_tokens: bool,
-    model_id: str,
-    progress: bool,
-    baseline,
-    branches: dict | None,
-    scoring: Scoring | None,
-) -> list[dict]:
     num_images = settings.images_per_prompt
     mesh = parallel.make_mesh()
     batch = max(mesh.size, settings.batch_size // mesh.size * mesh.size)

@@ -214,17 +214,26 @@ def test_runs_trace_under_their_configured_attention(tiny_sd_path, tmp_path, mon
 
     seen = []
 
-    def record(*args, **kwargs):
-        seen.append(attention._settings["implementation"])
-        return []
+    class Traced(Exception):
+        pass
 
-    monkeypatch.setattr(evaluate, "_generate_prompt_set", record)
-    monkeypatch.setattr(train._TrainLoop, "run", lambda self, *args: record())
+    def record(*args, **kwargs):  # the first thing generation (make_mesh) and training (the loop) call
+        seen.append(attention._settings["implementation"])
+        raise Traced
+
+    monkeypatch.setattr(evaluate.parallel, "make_mesh", record)
     cfg = tiny_config(tiny_sd_path, "--config.model.attention=xla")
     run = tiny_run(tiny_sd_path, cfg)
     assert run.attention == "xla"
-    evaluate.generate_prompt_set(run, None, None, None, [], str(tmp_path / "eval"), soft_tokens=False, model_id="m")
-    train.train(cfg, str(tmp_path / "train"), run=run, progress=False)
+    settings = evaluate.EvalSettings.from_config(cfg)
+    with pytest.raises(Traced):
+        evaluate.generate_prompt_set(
+            run, settings, None, None, [], str(tmp_path / "eval"), soft_tokens=False, model_id="m"
+        )
+    monkeypatch.undo()
+    monkeypatch.setattr(train._TrainLoop, "run", lambda self, *args: record())
+    with pytest.raises(Traced):
+        train.train(cfg, str(tmp_path / "train"), run=run, progress=False)
     assert seen == ["xla", "xla"] and attention._settings["implementation"] == "auto"
 
     with pytest.raises(FairdiffError, match=r"model.attention='splash' runs on a TPU only .* use --config.model"):

@@ -7,8 +7,9 @@
 Table 1 (toy): the original toy model, the baselines (``fairdiff_jax.baselines``, settings from
 ``--config.baselines.NAME.*``), then one run per (debiased attribute set, adaptor kind), each evaluated for gender,
 race and their intersection on the debiased and on the held-out occupations, with the occupation-cue accuracy as
-the semantics column (the toy stand-in for CLIP-T). The toy text encoder was trained on "a photo of a
-{occupation}" only, so the language-based baselines meet words it never saw. The ablation trains the
+the semantics column (the toy stand-in for CLIP-T). The toy text encoder was trained on captions that name
+each attribute half of the time ("a photo of a young black female doctor"), so the language-based baselines'
+words (female/male, white/black/indian/asian) mean to it what they mean to them. The ablation trains the
 text-encoder LoRA for gender with the exact, the adjusted and the detached gradient (DESIGN.md §1.1) and plots
 their loss and gradient-norm curves beside the final bias, as the paper's project page does for Stable Diffusion.
 
@@ -364,5 +365,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def spread_devices(argv: Sequence[str]) -> int:
+    """As ``fairdiff demo`` does: one JAX CPU device per core, dividing every run's image counts (call it before JAX
+    starts; the command line only, so a test process's JAX is left alone)."""
+    sys.path.insert(0, ROOT)
+    from fairdiff_jax.config import split_overrides
+    from fairdiff_jax.toyworld.demo import demo_config
+    from fairdiff_jax.toyworld.demo_cli import spread_over_cpu_cores
+
+    pairs, _ = split_overrides(list(argv))
+    overrides = [f"--config.{k}={v}" for k, v in pairs]
+    counts = []
+    for kind in (*KINDS, "unet_lora"):
+        cfg = demo_config(kind, ["gender"], overrides)
+        counts += [cfg.train.images_per_prompt, cfg.eval.images_per_prompt, cfg.eval.batch_size]
+    return spread_over_cpu_cores(counts)
+
+
 if __name__ == "__main__":
+    spread_devices(sys.argv[1:])
     sys.exit(main())

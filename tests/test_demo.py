@@ -37,6 +37,7 @@ def test_demo_writes_the_report(tiny_toy_world, tmp_path, monkeypatch, capsys, a
             "--config.sampler.train_steps=(2, 2)",
             "--config.sampler.eval_steps=2",
             "--config.train.images_per_prompt=8",
+            "--config.train.prompts_per_step=2",  # the toy text-LoRA default trains all 8 prompts a step
             "--config.eval.images_per_prompt=8",
             "--config.eval.batch_size=8",
             "--config.attributes.gender.target=(0.3, 0.7)",

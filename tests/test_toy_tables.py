@@ -19,6 +19,7 @@ TINY = [
     "--config.sampler.eval_steps=2",
     "--config.sampler.unroll=1",
     "--config.train.images_per_prompt=8",
+    "--config.train.prompts_per_step=2",  # the toy text-LoRA default trains all 8 prompts a step
     "--config.eval.images_per_prompt=8",
     "--config.eval.batch_size=8",
 ]
@@ -93,7 +94,8 @@ def test_frozen_encoder_in_the_grown_soft_token_module_gives_the_base_output(tin
     soft, plain = soft_run.pipeline, plain_run.pipeline
     prompts = ["a photo of a doctor", ""]
     ids = jnp.asarray(tokenize(plain, prompts, soft_tokens=False))
-    assert soft.text_encoder.config.vocab_size == plain.text_encoder.config.vocab_size + 2  # grown by 2 tokens
+    grown = int(soft_run.spec.num_soft_tokens)  # the demo config's soft tokens (5, the paper's)
+    assert grown == 5 and soft.text_encoder.config.vocab_size == plain.text_encoder.config.vocab_size + grown
     np.testing.assert_allclose(
         np.asarray(embed(soft, soft_run.frozen["text_encoder"], ids)),
         np.asarray(embed(plain, plain_run.frozen["text_encoder"], ids)),

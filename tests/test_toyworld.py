@@ -211,8 +211,13 @@ def test_shipped_build_is_complete_loads_and_reads_labels():
     measured = description["base_model"]
     assert measured["images_per_prompt"] >= 200
     # the world must be strongly biased; the cue must be drawn well enough that keeping it is measurable
-    # (the demo then checks cue accuracy after debiasing >= 90% of before, as issue 7 asks)
-    assert measured["mean_gender_bias"] >= 0.6 and measured["mean_cue_accuracy"] >= 0.85
+    # (the demo then checks cue accuracy after debiasing >= 90% of before, as issue 7 asks). Captions that name
+    # the attributes cost some cue fidelity: 0.90 without names, 0.86 naming at rate 0.25, 0.84 at 0.5 (shipped)
+    assert measured["mean_gender_bias"] >= 0.6 and measured["mean_cue_accuracy"] >= 0.8
+    # the shipped text encoder knows the attribute words (captions name them): "a photo of a female X" is drawn
+    # female, "a photo of a male X" male, well above the occupation prior (0.51 / 0.52 when captions never name them)
+    named = measured["named_gender_accuracy"]
+    assert named["female"] >= 0.75 and named["male"] >= 0.75
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
     assert size < 8 * 2**20
 

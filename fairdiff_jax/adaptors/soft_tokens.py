@@ -10,6 +10,7 @@ Flax checks parameter shapes, the text encoder must be rebuilt for the grown voc
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairdiff_jax.errors import FairdiffError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN = "<fair>"
 TOKEN_EMBEDDING_PATH = ("text_model", "embeddings", "token_embedding", "embedding")
@@ -134,8 +137,24 @@ def conditional_prompt_ids(
         raise FairdiffError(f"soft tokens {missing} are not in the tokenizer; build it with add_soft_tokens first.")
     texts = conditional_texts(prompts, token, num_tokens)
     length = int(max_length or tokenizer.model_max_length)
+    _warn_if_cut(tokenizer, texts, length)
     ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)
+
+
+def _warn_if_cut(tokenizer, texts: Sequence[str], length: int) -> None:
+    """Log the texts longer than ``length`` tokens (with BOS and EOS): the encoder reads them cut, as diffusers'
+    pipelines do (they warn too)."""
+    over = tokenizer(list(texts), truncation=True, max_length=length + 1).input_ids  # one more: cut or not
+    cut = [t for t, ids in zip(texts, over) if len(ids) > length]
+    if cut:
+        log.warning(
+            "%d text(s) are longer than the text encoder's %d tokens and are cut at the end, e.g. %r; shorten the "
+            "prompts or use fewer soft tokens (adaptor.num_tokens)",
+            len(cut),
+            length,
+            cut[0],
+        )
 
 
 # "max_length": every text padded to the tokenizer's length (77 for SD; what diffusers' pipelines encode);
@@ -160,5 +179,6 @@ def padded_tokens(tokenizer, texts: Sequence[str], length: int) -> tuple[np.ndar
 def prompt_ids(tokenizer, prompts: Sequence[str], *, max_length: int | None = None) -> np.ndarray:
     """``[B, L]`` int32 ids of plain prompts (the unconditional "" and base-model prompts)."""
     length = int(max_length or tokenizer.model_max_length)
+    _warn_if_cut(tokenizer, prompts, length)
     ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)

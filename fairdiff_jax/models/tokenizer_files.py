@@ -25,28 +25,47 @@ def _byte_symbols() -> list[str]:
     return list(bytes_to_unicode().values())
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces CLIP's byte-pair encoder makes of one lower-case word: start from its characters (the last
+    carrying ``</w>``) and, while any adjacent pair has a merge, join every occurrence of the lowest-ranked one."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), pair) for pair in zip(pieces, pieces[1:]) if pair in ranks]
+        if not pairs:
+            break
+        left, right = min(pairs)[1]
+        joined, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and pieces[i] == left and pieces[i + 1] == right:
+                joined.append(left + right)
+                i += 2
+            else:
+                joined.append(pieces[i])
+                i += 1
+        pieces = joined
+    return pieces
+
+
 def build_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """CLIP-style vocabulary and BPE merges in which each given word becomes (usually) one token."""
-    symbols = _byte_symbols()
-    vocab_list = symbols + [s + "</w>" for s in symbols]
-    merges: list[tuple[str, str]] = []
+    """CLIP-style vocabulary and BPE merges in which each given word becomes exactly one token.
+
+    Each word's merges are appended after all earlier ones: while the encoder still splits the word, the first two
+    of its pieces are joined by a new, lowest-priority merge. A merge ranked after every other one only fires when
+    nothing else applies, so it never changes a word that is already one token (an earlier layout, merging every
+    word's prefixes by length, let "male"'s merges take "female" apart into "fe" + "male")."""
+    vocab_list = _byte_symbols()
+    vocab_list = vocab_list + [s + "</w>" for s in vocab_list]
     seen = set(vocab_list)
-    chains = []
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.lower() for w in words if re.fullmatch(r"[a-z]+", w.lower())}):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        chains.append(pieces)
-    # merge left to right, shorter prefixes first, so each word's chain fires in order
-    max_len = max((len(c) for c in chains), default=0)
-    for step in range(1, max_len):
-        for pieces in chains:
-            if step < len(pieces):
-                left = "".join(pieces[:step])
-                right = pieces[step]
-                merged = left + right
-                if merged not in seen:
-                    merges.append((left, right))
-                    vocab_list.append(merged)
-                    seen.add(merged)
+        while len(pieces := _bpe(word, ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            if pair[0] + pair[1] not in seen:
+                vocab_list.append(pair[0] + pair[1])
+                seen.add(pair[0] + pair[1])
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     return {token: index for index, token in enumerate(vocab_list)}, merges
 

@@ -44,7 +44,7 @@ def get_config(arg=None):
     config.adaptor.kind = kind
     config.adaptor.rank = 4
     config.adaptor.alpha = 4.0
-    config.adaptor.num_tokens = 2
+    config.adaptor.num_tokens = 5  # the paper's five soft prompt tokens
     config.adaptor.ema_decay = 0.9
     config.sampler.guidance_scale = 3.0
     config.sampler.train_steps = (6, 8)
@@ -71,4 +71,11 @@ def get_config(arg=None):
     config.keep_checkpoints = 2
     config.log_every = 5
     config.sample_every = 50
+    if kind == "text_lora":
+        # one text-encoder LoRA serves every occupation: all 8 debiased prompts in every update (4 images each,
+        # the same 32 images a step as 4 prompts x 8) and a slower EMA keep it from chasing the prompts of the
+        # last step (TEXT_LORA_NOTE)
+        config.train.prompts_per_step = 8
+        config.train.images_per_prompt = 4
+        config.adaptor.ema_decay = 0.98
     return config

@@ -279,8 +279,9 @@ def plot_ablation(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _finished(root: str, kind: str, target: str, mode: str, seeds: Sequence[int] = (0,)) -> bool:
-    return all(os.path.exists(os.path.join(root, run_name(kind, target, mode, s), "row.json")) for s in seeds)
+def _finished_seeds(root: str, kind: str, target: str, mode: str, seeds: Sequence[int]) -> list[int]:
+    """The entries of ``seeds`` whose run of (``kind``, ``target``, ``mode``) has finished."""
+    return [s for s in seeds if os.path.exists(os.path.join(root, run_name(kind, target, mode, s), "row.json"))]
 
 
 def toy_tables(
@@ -296,24 +297,29 @@ def toy_tables(
     finished_only: bool = False,
 ) -> str:
     """Run (or reuse) every run, write ``ROOT/toy_tables.md`` and the ablation plot; returns the markdown.
-    ``finished_only`` tabulates the runs already finished in ``root`` and trains nothing new."""
+    ``finished_only`` tabulates the runs already finished in ``root`` and trains nothing new: a row whose seeds
+    have only partly finished is shown over those that have."""
     original = original_row(root, overrides, progress)
-    combos = [(kind, target) for target in targets for kind in kinds]
-    if finished_only:
-        combos = [(kind, target) for kind, target in combos if _finished(root, kind, target, "adjusted", seeds)]
-        modes = [mode for mode in modes if _finished(root, "text_lora", "gender", mode, seeds)]
+    combos = {(kind, target): list(seeds) for target in targets for kind in kinds}
+    ablation_seeds = {mode: list(seeds) for mode in modes}
+    if finished_only:  # each row over the seeds that have finished (the seeds column says how many)
+        combos = {key: _finished_seeds(root, *key, "adjusted", seeds) for key in combos}
+        combos = {key: done for key, done in combos.items() if done}
+        ablation_seeds = {m: _finished_seeds(root, "text_lora", "gender", m, seeds) for m in modes}
+        modes = [mode for mode in modes if ablation_seeds[mode]]
     baselines = [(method, target) for target in targets for method in methods]
     if finished_only:
         baselines = [(m, t) for m, t in baselines if os.path.exists(os.path.join(root, f"{t}_{m}", "row.json"))]
     rows = [method_row(root, method, target, overrides, progress) for method, target in baselines]
-    for kind, target in combos:
-        rows.append(over_seeds([run_row(root, kind, target, "adjusted", overrides, progress, s)[0] for s in seeds]))
+    for (kind, target), row_seeds in combos.items():
+        rows.append(over_seeds([run_row(root, kind, target, "adjusted", overrides, progress, s)[0] for s in row_seeds]))
     text = ["# Toy world: Table 1 and the gradient ablation", ""]
     for split, title in (("held_out", "held-out occupations (never trained on)"), ("debiased", "trained occupations")):
         text += [f"## Table 1 (toy), {title}", "", table_markdown(original, rows, split)]
     if modes:
         ablation = {
-            mode: [run_row(root, "text_lora", "gender", mode, overrides, progress, s) for s in seeds] for mode in modes
+            mode: [run_row(root, "text_lora", "gender", mode, overrides, progress, s) for s in ablation_seeds[mode]]
+            for mode in modes
         }
         curves = {mode: training_curve(runs[0][1]) for mode, runs in ablation.items()}  # the first seed's curves
         plot_ablation(curves, os.path.join(root, "ablation_curves.png"))

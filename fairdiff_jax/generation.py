@@ -87,6 +87,7 @@ def tokenize(pipeline: Pipeline, prompts: Sequence[str], *, soft_tokens: bool, l
     if length is None:
         prompt_length = pipeline.prompt_padding == "prompt"
         length = soft_lib.token_length(pipeline.tokenizer, texts) if prompt_length else pipeline.max_length
+    soft_lib.warn_if_cut(pipeline.tokenizer, texts, length)  # e.g. a baseline's clause past the toy's 16 tokens
     ids, _ = soft_lib.padded_tokens(pipeline.tokenizer, list(texts), length)
     return ids
 

@@ -63,10 +63,14 @@ def test_toy_tables_end_to_end(tiny_toy_world, tmp_path, monkeypatch, capsys):
     assert stamps == {name: os.path.getmtime(os.path.join(root, name, "row.json")) for name in stamps}
 
     # --finished-only tabulates what exists and trains nothing: the unet_lora row and the adjusted mode are absent
+    # (seed 1 never ran: the rows show seed 0 alone, and say so in the seeds column)
     more = ["--kinds", "soft_tokens", "unet_lora", "--modes", "exact", "adjusted", "--finished-only", "--no-progress"]
-    assert toy_tables.main(args[:2] + ["--targets", "gender+race"] + more + TINY) == 0
+    assert toy_tables.main(args[:2] + ["--targets", "gender+race", "--seeds", "0", "1"] + more + TINY) == 0
     partial = capsys.readouterr().out
     assert "`unet_lora`" not in partial and partial.count("| gender×race | `soft_tokens` |") == 2
+    soft_lines = [line for line in partial.splitlines() if line.startswith("| gender×race | `soft_tokens` |")]
+    assert soft_lines == [line for line in markdown.splitlines() if line.startswith("| gender×race | `soft_tokens`")]
+    assert all(line.endswith("| 1 |") for line in soft_lines)
     assert "| exact |" in partial and "| adjusted |" not in partial and "| detached |" not in partial
     assert not os.path.exists(os.path.join(root, "gender+race_unet_lora_adjusted"))
 

@@ -137,17 +137,21 @@ def conditional_prompt_ids(
         raise FairdiffError(f"soft tokens {missing} are not in the tokenizer; build it with add_soft_tokens first.")
     texts = conditional_texts(prompts, token, num_tokens)
     length = int(max_length or tokenizer.model_max_length)
-    _warn_if_cut(tokenizer, texts, length)
+    warn_if_cut(tokenizer, texts, length)
     ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)
 
 
-def _warn_if_cut(tokenizer, texts: Sequence[str], length: int) -> None:
+_WARNED_CUTS: set[tuple[tuple[str, ...], int]] = set()
+
+
+def warn_if_cut(tokenizer, texts: Sequence[str], length: int) -> list[str]:
     """Log the texts longer than ``length`` tokens (with BOS and EOS): the encoder reads them cut, as diffusers'
-    pipelines do (they warn too)."""
+    pipelines do (they warn too). Once per distinct set of cut texts; returns the cut texts."""
     over = tokenizer(list(texts), truncation=True, max_length=length + 1).input_ids  # one more: cut or not
     cut = [t for t, ids in zip(texts, over) if len(ids) > length]
-    if cut:
+    if cut and (tuple(cut), length) not in _WARNED_CUTS:
+        _WARNED_CUTS.add((tuple(cut), length))
         log.warning(
             "%d text(s) are longer than the text encoder's %d tokens and are cut at the end, e.g. %r; shorten the "
             "prompts or use fewer soft tokens (adaptor.num_tokens)",
@@ -155,6 +159,7 @@ def _warn_if_cut(tokenizer, texts: Sequence[str], length: int) -> None:
             length,
             cut[0],
         )
+    return cut
 
 
 # "max_length": every text padded to the tokenizer's length (77 for SD; what diffusers' pipelines encode);
@@ -179,6 +184,6 @@ def padded_tokens(tokenizer, texts: Sequence[str], length: int) -> tuple[np.ndar
 def prompt_ids(tokenizer, prompts: Sequence[str], *, max_length: int | None = None) -> np.ndarray:
     """``[B, L]`` int32 ids of plain prompts (the unconditional "" and base-model prompts)."""
     length = int(max_length or tokenizer.model_max_length)
-    _warn_if_cut(tokenizer, prompts, length)
+    warn_if_cut(tokenizer, prompts, length)
     ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)

@@ -306,7 +306,7 @@ def toy_tables(
         combos = {key: _finished_seeds(root, *key, "adjusted", seeds) for key in combos}
         combos = {key: done for key, done in combos.items() if done}
         ablation_seeds = {m: _finished_seeds(root, "text_lora", "gender", m, seeds) for m in modes}
-        modes = [mode for mode in modes if ablation_seeds[mode]]
+        ablation_seeds = {mode: done for mode, done in ablation_seeds.items() if done}
     baselines = [(method, target) for target in targets for method in methods]
     if finished_only:
         baselines = [(m, t) for m, t in baselines if os.path.exists(os.path.join(root, f"{t}_{m}", "row.json"))]
@@ -316,10 +316,10 @@ def toy_tables(
     text = ["# Toy world: Table 1 and the gradient ablation", ""]
     for split, title in (("held_out", "held-out occupations (never trained on)"), ("debiased", "trained occupations")):
         text += [f"## Table 1 (toy), {title}", "", table_markdown(original, rows, split)]
-    if modes:
+    if ablation_seeds:
         ablation = {
-            mode: [run_row(root, "text_lora", "gender", mode, overrides, progress, s) for s in ablation_seeds[mode]]
-            for mode in modes
+            mode: [run_row(root, "text_lora", "gender", mode, overrides, progress, s) for s in mode_seeds]
+            for mode, mode_seeds in ablation_seeds.items()
         }
         curves = {mode: training_curve(runs[0][1]) for mode, runs in ablation.items()}  # the first seed's curves
         plot_ablation(curves, os.path.join(root, "ablation_curves.png"))

@@ -51,30 +51,15 @@ def test_a_prompt_cut_by_the_token_limit_is_reported(tmp_path, caplog):
     write_tokenizer_folder(str(tmp_path), DEFAULT_WORDS, max_length=8)
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
     with caplog.at_level("WARNING", logger=soft_tokens.__name__):
-        ids = soft_tokens.prompt_ids(tokenizer, ["a photo of a doctor", "a photo of a young old doctor nurse"])
+        prompts = ["a photo of a doctor", "a photo of a young old doctor nurse"]
+        ids = soft_tokens.prompt_ids(tokenizer, prompts)
     assert ids.shape == (2, 8)
     assert "1 text(s) are longer than the text encoder's 8 tokens" in caplog.text and "nurse" in caplog.text
     caplog.clear()
+    # once per distinct set of cut texts: the same prompts again log nothing, and the cut ones are returned
+    with caplog.at_level("WARNING", logger=soft_tokens.__name__):
+        assert soft_tokens.warn_if_cut(tokenizer, prompts, 8) == [prompts[1]]
+    assert caplog.text == ""
     with caplog.at_level("WARNING", logger=soft_tokens.__name__):
         soft_tokens.prompt_ids(tokenizer, ["a photo of a young doctor"])  # 6 words + BOS + EOS: exactly 8
     assert caplog.text == ""
-
-
-def test_prompts_past_the_encoders_length_are_reported_once(tmp_path, caplog):
-    """transformers' tokenizer cuts silently; we log the cut prompts (once per distinct set) and return them."""
-    import logging
-
-    from transformers import CLIPTokenizer
-
-    from fairdiff_jax.adaptors.soft_tokens import warn_if_cut
-
-    write_tokenizer_folder(str(tmp_path), DEFAULT_WORDS)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
-    short, long = "a photo of a doctor", "a photo of a doctor " + "photo " * 4
-    length = len(tokenizer(short)["input_ids"]) + 1  # the short prompt fits, the long one does not
-    with caplog.at_level(logging.WARNING, logger="fairdiff_jax.adaptors.soft_tokens"):
-        assert warn_if_cut(tokenizer, [short, long], length) == [long]
-        assert warn_if_cut(tokenizer, [short, long], length) == [long]
-        assert warn_if_cut(tokenizer, [short], length) == []
-    warnings = [r for r in caplog.records if "cut at the end" in r.getMessage()]
-    assert len(warnings) == 1 and repr(long) in warnings[0].getMessage()
